@@ -1,0 +1,1 @@
+"""Tightwad's cluster manager: places and hot-swaps models across Docker hosts."""

@@ -1,0 +1,115 @@
+"""Real servers for tests: llama-server, ggml-rpc-server and the Tightwad verifier.
+
+Each runs as a subprocess on 127.0.0.1 with a free port, is polled on its
+health endpoint until a deadline, and is stopped (SIGTERM, then SIGKILL) when
+the test is done. Logs go to a file whose tail is shown when start-up fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from tightwad import llamacpp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, name: str, argv: list[str], *, port: int, health: str | None = "/health",
+                 env: dict[str, str] | None = None):
+        self.name = name
+        self.argv = argv
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.health = health
+        self.log_path = Path(tempfile.mkstemp(prefix=f"tightwad-{name}-", suffix=".log")[1])
+        self._env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> ServerProcess:
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env=self._env, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.ready():
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.name} not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def ready(self) -> bool:
+        if self.health is None:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+        try:
+            return httpx.get(self.url + self.health, timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log_tail(self, n: int = 40) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=15)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=15)
+
+
+def llama_server(model: Path | str, *extra: str, port: int | None = None) -> ServerProcess:
+    port = port or free_port()
+    argv = [
+        str(llamacpp.binary("llama-server")), "-m", str(model), "--host", "127.0.0.1",
+        "--port", str(port), "-t", str(cpu_threads()), "-c", "4096", "--no-webui", *extra,
+    ]
+    return ServerProcess("llama-server", argv, port=port)
+
+
+def rpc_server(*, port: int | None = None) -> ServerProcess:
+    port = port or free_port()
+    argv = [str(llamacpp.binary("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port)]
+    return ServerProcess("rpc-server", argv, port=port, health=None)
+
+
+def verifier(model: Path | str, *extra: str, port: int | None = None) -> ServerProcess:
+    port = port or free_port()
+    argv = [
+        sys.executable, "-m", "tightwad.cli", "verifier", "--model", str(model),
+        "--host", "127.0.0.1", "--port", str(port), "--threads", str(cpu_threads()), *extra,
+    ]
+    return ServerProcess("verifier", argv, port=port)
+
+
+def cpu_threads() -> int:
+    return len(os.sched_getaffinity(0))
