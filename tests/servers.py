@@ -113,3 +113,30 @@ def verifier(model: Path | str, *extra: str, port: int | None = None) -> ServerP
 
 def cpu_threads() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def proxy(config_path: Path | str, *, port: int) -> ServerProcess:
+    argv = [sys.executable, "-m", "tightwad.cli", "-c", str(config_path), "proxy", "serve"]
+    return ServerProcess("proxy", argv, port=port)
+
+
+def write_proxy_config(path: Path, *, draft_url: str, target_url: str, port: int, mode: str = "fast",
+                       draft_backend: str = "llamacpp", target_backend: str = "verifier",
+                       max_draft_tokens: int | str = 8, extra: str = "") -> Path:
+    path.write_text(
+        f"""proxy:
+  host: 127.0.0.1
+  port: {port}
+  mode: {mode}
+  max_draft_tokens: {max_draft_tokens}
+  fallback_on_draft_failure: true
+  draft_timeout_s: 20
+{extra}  draft:
+    url: {draft_url}
+    backend: {draft_backend}
+  target:
+    url: {target_url}
+    backend: {target_backend}
+"""
+    )
+    return path

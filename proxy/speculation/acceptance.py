@@ -105,7 +105,7 @@ def _sample_recovered(
     )
     get_p = position.probs.get
     p_support = [get_p(v, 0.0) for v in support]
-    weights = [p - q if p > q else 0.0 for p, q in zip(p_support, map(dist.__getitem__, support))]
+    weights = [p - q if p > q else 0.0 for p, q in zip(p_support, map(dist.__getitem__, support), strict=False)]
     # No tail sample means the target reported no mass outside the support.
     tail = max(0.0, 1.0 - sum(p_support)) if tail_token is not None else 0.0
     total = sum(weights) + tail
@@ -133,7 +133,7 @@ def _pick(
         return tail_token
     # u ran past the support by float rounding and there is no tail: take the last
     # interval that has any width.
-    for v, w in zip(reversed(support), reversed(weights)):
+    for v, w in zip(reversed(support), reversed(weights), strict=False):
         if w > 0.0:
             return v
     raise AssertionError("no token carries weight")

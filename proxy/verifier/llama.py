@@ -42,9 +42,9 @@ def add_rpc_servers(lib_dir: str, servers: Sequence[str]) -> None:
     ggml = ctypes.CDLL(os.path.join(lib_dir, "libggml.so"))
     base = ctypes.CDLL(os.path.join(lib_dir, "libggml-base.so"))
     ggml.ggml_backend_load_all()
-    base.ggml_backend_reg_by_name.restype = ctypes.c_void_p
-    base.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-    reg = base.ggml_backend_reg_by_name(b"RPC")
+    ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    reg = ggml.ggml_backend_reg_by_name(b"RPC")
     if not reg:
         raise RuntimeError("this llama.cpp build has no RPC backend (build with -DGGML_RPC=ON)")
     base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p

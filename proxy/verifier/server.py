@@ -25,7 +25,7 @@ def serve(options: VerifierOptions, *, host: str, port: int) -> int:
             while not service.ready and not service.load_error:
                 await asyncio.sleep(0.05)
             if service.load_error:
-                print(f"error: --model: {service.load_error}", file=sys.stderr)
+                print(f"error: {service.load_error}", file=sys.stderr)
                 server.should_exit = True
 
         watcher = asyncio.create_task(watch_load())

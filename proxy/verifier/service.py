@@ -97,7 +97,7 @@ class VerifierService:
         try:
             await self.run(self._load)
         except Exception as exc:  # reported through /health and the CLI's exit code
-            self.load_error = f"{type(exc).__name__}: {exc}"
+            self.load_error = str(exc) or type(exc).__name__
             raise
 
     def _load(self) -> None:
@@ -106,11 +106,17 @@ class VerifierService:
         n_gpu_layers = opts.n_gpu_layers
         if opts.rpc_servers:
             assert opts.lib_dir, "--rpc needs the pinned build's library directory"
-            add_rpc_servers(opts.lib_dir, opts.rpc_servers)
+            try:
+                add_rpc_servers(opts.lib_dir, opts.rpc_servers)
+            except RuntimeError as exc:
+                raise RuntimeError(f"--rpc: {exc}") from exc
             n_gpu_layers = n_gpu_layers or 999
-        model = LlamaModel(lib, opts.model_path, n_gpu_layers=n_gpu_layers)
+        try:
+            model = LlamaModel(lib, opts.model_path, n_gpu_layers=n_gpu_layers)
+        except ValueError as exc:
+            raise ValueError(f"--model: {exc}") from exc
         threads = opts.threads or len(os.sched_getaffinity(0))
-        self.engine = VerifierEngine(
+        engine = VerifierEngine(
             model, n_ctx=opts.ctx_size, parallel=opts.parallel, strict=opts.strict, n_threads=threads
         )
         self._pieces = [model.piece(t) for t in range(model.n_vocab)]
@@ -125,8 +131,8 @@ class VerifierService:
                 bos_token=model.piece(model.bos_token_id, special=True).decode("utf-8", "replace"),
                 eos_token=model.piece(model.eos_token_id, special=True).decode("utf-8", "replace"),
             )
-        self.model = model
-        self.loaded_at = time.time()
+        self.model, self.loaded_at = model, time.time()
+        self.engine = engine  # last: its presence is what /health reports as ready
         self.metrics.ready.set(1)
 
     async def aclose(self) -> None:
@@ -143,7 +149,7 @@ class VerifierService:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None
+        return self.engine is not None and self.model is not None
 
     def require_ready(self) -> tuple[LlamaModel, VerifierEngine]:
         if self.model is None or self.engine is None:

@@ -163,7 +163,7 @@ def _resample_from_target(
         tail = max(0.0, 1.0 - sum(weights)) if target[i].tail_sample is not None else 0.0
         u = rng.random() * (sum(weights) + tail)
         recovered = target[i].tail_sample
-        for v, w in zip(support, weights):
+        for v, w in zip(support, weights, strict=False):
             if u < w:
                 recovered = v
                 break

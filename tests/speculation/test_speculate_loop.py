@@ -216,7 +216,7 @@ def test_context_is_prompt_plus_emitted_and_private() -> None:
     outcomes = _run(fakes, prompt=prompt, choose_k=3, max_tokens=15)
     emitted = _emitted(outcomes)
     assert emitted == _target_alone(PROMPT, 15)
-    for (draft_ctx, _), (verify_ctx, _) in zip(fakes.draft_calls, fakes.verify_calls):
+    for (draft_ctx, _), (verify_ctx, _) in zip(fakes.draft_calls, fakes.verify_calls, strict=False):
         assert isinstance(draft_ctx, tuple) and draft_ctx == verify_ctx
         assert draft_ctx == PROMPT + tuple(emitted[: len(draft_ctx) - len(PROMPT)])
 

@@ -1,0 +1,155 @@
+"""httpx plumbing shared by the backends: one client each, errors mapped at the boundary.
+
+    httpx.TimeoutException                       -> BackendTimeout
+    httpx.TransportError (connect, read, ...)    -> BackendUnavailable
+    HTTP 503                                     -> BackendUnavailable
+    any other non-2xx                            -> HttpStatusError (a BackendProtocolError)
+    a body that is not JSON, or the wrong shape  -> BackendProtocolError
+
+Every message names the backend's URL and the path, so a 502 from the proxy
+says which server failed and how. The ``expect_*`` helpers check the shape of
+a decoded body and raise ``BackendProtocolError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from tightwad.errors import BackendProtocolError, BackendTimeout, BackendUnavailable
+
+_EXCERPT = 200  # characters of an error body quoted in messages
+_CONNECT_TIMEOUT_S = 10.0
+
+
+class HttpStatusError(BackendProtocolError):
+    """The server answered with a non-2xx status other than 503."""
+
+    def __init__(self, message: str, *, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class HttpClient:
+    """One ``httpx.AsyncClient`` for one backend server."""
+
+    def __init__(self, url: str, *, timeout_s: float, api_key: str | None = None):
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self.timeout_s = timeout_s
+        self._client = httpx.AsyncClient(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, _CONNECT_TIMEOUT_S)),
+        )
+
+    def __repr__(self) -> str:
+        return f"HttpClient({self.url!r})"
+
+    async def request_json(
+        self, method: str, path: str, *, json_body: Any = None, timeout_s: float | None = None
+    ) -> Any:
+        """Send one request and return its decoded JSON body."""
+        assert path.startswith("/"), f"path must start with '/': {path!r}"
+        where = f"{self.url}{path}"
+        extra: dict[str, Any] = {}
+        if timeout_s is not None:
+            extra["timeout"] = httpx.Timeout(timeout_s, connect=min(timeout_s, _CONNECT_TIMEOUT_S))
+        try:
+            response = await self._client.request(method, path, json=json_body, **extra)
+        except httpx.TimeoutException as exc:
+            limit = timeout_s if timeout_s is not None else self.timeout_s
+            raise BackendTimeout(f"{where} did not answer within {limit:g}s") from exc
+        except httpx.TransportError as exc:
+            raise BackendUnavailable(
+                f"{where} is unreachable: {type(exc).__name__}: {exc or 'no detail'}"
+            ) from exc
+        if not response.is_success:
+            excerpt = response.text[:_EXCERPT].strip()
+            message = f"{where} answered HTTP {response.status_code}: {excerpt or '(empty body)'}"
+            if response.status_code == 503:
+                raise BackendUnavailable(message)
+            raise HttpStatusError(message, status=response.status_code)
+        try:
+            return response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            excerpt = response.text[:_EXCERPT].strip()
+            raise BackendProtocolError(f"{where} answered with invalid JSON: {excerpt!r}") from exc
+
+    async def get(self, path: str, **kw: Any) -> Any:
+        return await self.request_json("GET", path, **kw)
+
+    async def post(self, path: str, body: Any, **kw: Any) -> Any:
+        return await self.request_json("POST", path, json_body=body, **kw)
+
+    async def ok(self, path: str) -> bool:
+        """True when GET ``path`` answers 2xx in time; never raises a BackendError."""
+        try:
+            response = await self._client.get(path)
+        except httpx.HTTPError:
+            return False
+        return response.is_success
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+# -- checking shapes ------------------------------------------------------------------
+
+
+def garbage(where: str, what: str, value: Any) -> BackendProtocolError:
+    shown = json.dumps(value, default=str)[:_EXCERPT]
+    return BackendProtocolError(f"{where}: {what}, got {shown}")
+
+
+def expect_dict(value: Any, where: str, what: str = "expected a JSON object") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise garbage(where, what, value)
+    return value
+
+
+def expect_field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise garbage(where, f"'{key}' should be {name}", value)
+    return value
+
+
+def expect_token_ids(value: Any, where: str, what: str = "token ids") -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    ):
+        raise garbage(where, f"expected a list of {what}", value)
+    return value
+
+
+def expect_number(value: Any, where: str, what: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise garbage(where, f"expected a number for {what}", value)
+    return float(value)
+
+
+# -- small shared helpers ---------------------------------------------------------------
+
+
+def stable_slot(session: str, n_slots: int | None) -> int:
+    """The same server slot for every round of one session (-1: let the server choose)."""
+    if not n_slots or n_slots < 1:
+        return -1
+    return zlib.crc32(session.encode("utf-8")) % n_slots
+
+
+def round_seed(seed: int, position: int) -> int:
+    """A per-position seed for llama.cpp's 32-bit RNG.
+
+    Sending the request's seed unchanged every round would restart the same random
+    stream each round; mixing in the context length gives each position its own
+    draw, and the same (seed, context) still repeats exactly.
+    """
+    data = (seed & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") + position.to_bytes(8, "little")
+    return zlib.crc32(data) & 0x7FFFFFFF

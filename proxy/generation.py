@@ -1,0 +1,249 @@
+"""One request's generation: the speculation loop wired to real backends.
+
+This is where I/O meets the pure core (``tightwad.speculation``): the draft
+and verify callables given to ``speculate`` call the backends, time them and,
+when the draft fails, return an empty draft so that the loop carries on as the
+target alone (exact, just slower). Text, stop strings and logprobs are worked
+out here from what the target computed; nothing is assumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from tightwad.backends.base import DraftBackend, DraftRequest, Sampling, TargetBackend
+from tightwad.errors import BackendError
+from tightwad.speculation import (
+    DraftToken,
+    RoundResult,
+    SpecDecodingStats,
+    TargetPosition,
+    speculate,
+)
+from tightwad.textstream import TextStream, TextUpdate
+
+log = logging.getLogger("tightwad.generation")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclasses.dataclass(slots=True)
+class GenerationRequest:
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    session: str
+    stops: Sequence[str] = ()
+    top_logprobs: int | None = None  # None: the client asked for no logprobs
+
+
+@dataclasses.dataclass(slots=True)
+class GenerationEvent:
+    text: str
+    tokens: list[int]  # tokens whose text is now fully released
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoundRecord:
+    """One round, as the proxy's totals and metrics see it."""
+
+    drafter: str | None
+    result: RoundResult
+    n_emitted: int
+    draft_s: float | None
+    verify_s: float
+    round_s: float
+
+
+@dataclasses.dataclass(slots=True)
+class GenerationStats:
+    """What one request did; merged into the proxy's totals when it ends."""
+
+    spec: SpecDecodingStats = dataclasses.field(default_factory=SpecDecodingStats)
+    draft_seconds: list[float] = dataclasses.field(default_factory=list)
+    verify_seconds: list[float] = dataclasses.field(default_factory=list)
+    round_seconds: list[float] = dataclasses.field(default_factory=list)
+    fallbacks: list[str] = dataclasses.field(default_factory=list)
+    drafter_wins: dict[str, int] = dataclasses.field(default_factory=dict)
+    completion_tokens: int = 0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    token_times: list[float] = dataclasses.field(default_factory=list)
+
+
+class Generation:
+    """Drives one request; iterate ``events()`` exactly once."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        *,
+        drafter: DraftBackend | None,
+        target: TargetBackend,
+        eog_tokens: frozenset[int],
+        piece: Callable[[int], bytes],
+        choose_k: Callable[[], int] | int,
+        draft_timeout_s: float,
+        fallback_on_draft_failure: bool,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        on_fallback: Callable[[str], None] | None = None,
+    ):
+        self.request = request
+        self.drafter = drafter
+        self.target = target
+        self.eog = eog_tokens
+        self.text = TextStream(piece, request.stops)
+        self.choose_k = choose_k
+        self.draft_timeout_s = draft_timeout_s
+        self.fallback = fallback_on_draft_failure
+        self.on_round = on_round
+        self.on_fallback = on_fallback
+        self.stats = GenerationStats()
+        self._drafter_alive = drafter is not None
+        self._last_positions: Sequence[TargetPosition] = ()
+        self._last_draft: Sequence[DraftToken] = ()
+        self._pending: list[TokenLogprob] = []  # emitted tokens whose text is not released yet
+        self._round_draft_s: float | None = None
+        self._round_started = time.perf_counter()
+        self._n_released_total = 0
+
+    async def _draft(self, context: tuple[int, ...], k: int) -> list[DraftToken]:
+        self._round_draft_s = None
+        if not self._drafter_alive or self.drafter is None:
+            return []
+        started = time.perf_counter()
+        req = DraftRequest(
+            context=context, k=k, sampling=self.request.sampling, session=self.request.session,
+            context_text=lambda: self.target.detokenize(context),
+            retokenize=lambda text: self.target.tokenize(text, add_special=False),
+        )
+        try:
+            drafted = await asyncio.wait_for(self.drafter.draft(req), self.draft_timeout_s)
+        except (TimeoutError, BackendError) as exc:
+            if not self.fallback:
+                raise
+            reason = "timeout" if isinstance(exc, TimeoutError) else _reason(exc)
+            log.warning("draft %s failed (%s): continuing with the target alone", self.drafter.name, exc)
+            self.stats.fallbacks.append(reason)
+            if self.on_fallback is not None:
+                self.on_fallback(reason)
+            self._drafter_alive = False
+            return []
+        self._round_draft_s = time.perf_counter() - started
+        self.stats.draft_seconds.append(self._round_draft_s)
+        return list(drafted)
+
+    async def _verify(
+        self, context: tuple[int, ...], draft: Sequence[DraftToken]
+    ) -> Sequence[TargetPosition]:
+        started = time.perf_counter()
+        positions = await self.target.verify(
+            context, draft, n_prompt=len(self.request.prompt), sampling=self.request.sampling,
+            session=self.request.session, top_logprobs=self.request.top_logprobs or 0,
+        )
+        self.stats.verify_seconds.append(time.perf_counter() - started)
+        self._last_positions, self._last_draft = positions, draft
+        return positions
+
+    async def events(self) -> AsyncIterator[GenerationEvent]:
+        req = self.request
+        rng = None if req.sampling.greedy else random.Random(req.sampling.seed)
+        rounds = speculate(
+            draft=self._draft, verify=self._verify, context=req.prompt, max_tokens=req.max_tokens,
+            eog_tokens=self.eog, choose_k=self.choose_k, greedy=req.sampling.greedy, rng=rng,
+        )
+        finish: str | None = None
+        try:
+            async with contextlib.aclosing(rounds) as outcomes:
+                async for outcome in outcomes:
+                    visible = [t for t in outcome.tokens if t not in self.eog]
+                    self.stats.spec.observe(outcome.result, n_emitted=len(outcome.tokens))
+                    self.stats.completion_tokens += len(visible)
+                    drafter = self.drafter.name if self.drafter is not None else None
+                    if drafter is not None and outcome.result.n_accepted:
+                        wins = self.stats.drafter_wins
+                        wins[drafter] = wins.get(drafter, 0) + outcome.result.n_accepted
+                    self._pending.extend(self._logprobs(outcome.tokens)[: len(visible)])
+                    update = self.text.push(visible)
+                    finish = outcome.finished
+                    if update.stopped:
+                        finish = "stop"
+                        # Tokens after the one that completed the stop string are not counted.
+                        self.stats.completion_tokens = update.n_tokens
+                    elif finish is not None:
+                        update = _merge(update, self.text.finish())
+                    event = self._event(update, finish)
+                    now = time.perf_counter()
+                    self.stats.round_seconds.append(now - self._round_started)
+                    if event.tokens:
+                        self.stats.first_token_at = self.stats.first_token_at or now
+                        self.stats.token_times.append(now)
+                    if self.on_round is not None:
+                        self.on_round(RoundRecord(
+                            drafter=drafter, result=outcome.result, n_emitted=len(outcome.tokens),
+                            draft_s=self._round_draft_s, verify_s=self.stats.verify_seconds[-1],
+                            round_s=now - self._round_started,
+                        ))
+                    self._round_started = now
+                    if event.text or event.tokens or event.finish_reason:
+                        yield event
+                    if finish is not None:
+                        return
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.target.release(req.session))
+
+    def _event(self, update: TextUpdate, finish: str | None) -> GenerationEvent:
+        n_new = update.n_tokens - self._n_released_total
+        released = self._pending[:n_new]
+        del self._pending[:n_new]
+        self._n_released_total = update.n_tokens
+        return GenerationEvent(
+            text=update.text, tokens=[r.token for r in released], logprobs=released,
+            finish_reason=finish,
+        )
+
+    def _logprobs(self, tokens: Sequence[int]) -> list[TokenLogprob]:
+        """Each emitted token's logprob, read from the positions the target returned."""
+        out: list[TokenLogprob] = []
+        for i, tok in enumerate(tokens):
+            pos = self._last_positions[i] if i < len(self._last_positions) else None
+            if pos is None:
+                out.append(TokenLogprob(tok, None, ()))
+                continue
+            if i < len(self._last_draft) and self._last_draft[i].token == tok:
+                lp = pos.draft_logprob
+            elif tok == pos.token and self.request.sampling.greedy:
+                lp = pos.logprob
+            elif tok == pos.tail_sample:
+                lp = pos.tail_logprob
+            else:
+                lp = dict(pos.top_logprobs).get(tok, pos.logprob if tok == pos.token else None)
+            out.append(TokenLogprob(tok, lp, pos.top_logprobs))
+        return out
+
+
+def _merge(a: TextUpdate, b: TextUpdate) -> TextUpdate:
+    a.text += b.text
+    a.n_tokens = b.n_tokens
+    a.stopped = a.stopped or b.stopped
+    return a
+
+
+def _reason(exc: BackendError) -> str:
+    name = type(exc).__name__
+    return {"BackendTimeout": "timeout", "BackendUnavailable": "unavailable",
+            "BackendProtocolError": "bad_response"}.get(name, "error")

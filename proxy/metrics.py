@@ -1,0 +1,90 @@
+"""The proxy's Prometheus metrics (one registry per app; no globals).
+
+Spec-decode counters follow vLLM's shape, so vLLM's PromQL carries over with
+the ``tightwad_`` prefix:
+
+    acceptance rate          rate(tightwad_spec_decode_num_accepted_tokens_total[5m])
+                             / rate(tightwad_spec_decode_num_draft_tokens_total[5m])
+    mean acceptance length   1 + rate(tightwad_spec_decode_num_accepted_tokens_total[5m])
+                             / rate(tightwad_spec_decode_num_drafts_total[5m])
+    per-position acceptance  rate(tightwad_spec_decode_num_accepted_tokens_per_pos_total[5m])
+                             / ignoring(position) group_left
+                               rate(tightwad_spec_decode_num_drafts_total[5m])
+
+Ratios are computed in PromQL, never exported as gauges. The proxy runs as ONE
+uvicorn worker by design (its work is waiting on backends), so a plain
+registry is exact; more workers would need prometheus-client's multiprocess mode.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from tightwad.generation import RoundRecord
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+TOKENS_PER_ROUND_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+MAX_POSITIONS = 64  # per-position series beyond this would only add cardinality
+
+
+class ProxyMetrics:
+    def __init__(self, *, model: str, target_backend: str, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.model = model
+        self.target = target_backend
+        r = self.registry
+        md = ["model", "drafter"]
+        self.num_drafts = Counter("tightwad_spec_decode_num_drafts", "Rounds with at least one drafted token", md, registry=r)
+        self.num_draft_tokens = Counter("tightwad_spec_decode_num_draft_tokens", "Drafted tokens sent to the target", md, registry=r)
+        self.num_accepted_tokens = Counter("tightwad_spec_decode_num_accepted_tokens", "Drafted tokens the target agreed with", md, registry=r)
+        self.num_accepted_per_pos = Counter(
+            "tightwad_spec_decode_num_accepted_tokens_per_pos", "Accepted drafted tokens by draft position",
+            [*md, "position"], registry=r)
+        self.num_emitted_tokens = Counter("tightwad_spec_decode_num_emitted_tokens", "Tokens emitted by rounds (accepted plus the target's own)", md, registry=r)
+        self.rounds = Counter("tightwad_rounds", "Speculation rounds, including those with no draft", md, registry=r)
+        self.tokens_per_round = Histogram("tightwad_tokens_per_round", "Tokens emitted per round", md, buckets=TOKENS_PER_ROUND_BUCKETS, registry=r)
+        self.draft_latency = Histogram("tightwad_draft_latency_seconds", "Time to get one draft", md, buckets=LATENCY_BUCKETS, registry=r)
+        self.verify_latency = Histogram("tightwad_verify_latency_seconds", "Time of one verify call", ["model", "target"], buckets=LATENCY_BUCKETS, registry=r)
+        self.round_latency = Histogram("tightwad_round_latency_seconds", "Wall time of one round", md, buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("tightwad_time_to_first_token_seconds", "Request start to first token", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("tightwad_inter_token_latency_seconds", "Time between released tokens", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("tightwad_e2e_request_latency_seconds", "Request start to last token", ["model"], buckets=E2E_BUCKETS, registry=r)
+        self.requests = Counter("tightwad_requests", "Requests by endpoint and HTTP status", ["model", "endpoint", "status"], registry=r)
+        self.fallbacks = Counter("tightwad_fallbacks", "Requests that went on with the target alone, by reason", [*md, "reason"], registry=r)
+        self.drafter_wins = Counter("tightwad_drafter_accepted_tokens", "Accepted tokens credited to each drafter", md, registry=r)
+        self.backend_up = Gauge("tightwad_backend_up", "1 when the backend answered its last health check", ["model", "role", "name", "backend"], registry=r)
+        self.in_flight = Gauge("tightwad_requests_in_flight", "Requests being generated now", ["model"], registry=r)
+        self.target_generate_only = Gauge(
+            "tightwad_target_generate_only", "1 when the target can only confirm drafts by generating them (no speed-up)",
+            ["model", "target"], registry=r)
+
+    def init_drafter(self, name: str) -> None:
+        """Create the labelled series up front, so that dashboards see zeros, not gaps."""
+        labels = {"model": self.model, "drafter": name}
+        for c in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                  self.num_emitted_tokens, self.rounds, self.drafter_wins):
+            c.labels(**labels)
+        self.num_accepted_per_pos.labels(**labels, position="0")
+
+    def observe_round(self, record: RoundRecord) -> None:
+        labels = {"model": self.model, "drafter": record.drafter or "none"}
+        res = record.result
+        self.rounds.labels(**labels).inc()
+        if res.n_drafted:
+            self.num_drafts.labels(**labels).inc()
+            self.num_draft_tokens.labels(**labels).inc(res.n_drafted)
+            self.num_accepted_tokens.labels(**labels).inc(res.n_accepted)
+            self.drafter_wins.labels(**labels).inc(res.n_accepted)
+            for pos, ok in enumerate(res.accepted_mask[:MAX_POSITIONS]):
+                if ok:
+                    self.num_accepted_per_pos.labels(**labels, position=str(pos)).inc()
+        self.num_emitted_tokens.labels(**labels).inc(record.n_emitted)
+        self.tokens_per_round.labels(**labels).observe(record.n_emitted)
+        if record.draft_s is not None:
+            self.draft_latency.labels(**labels).observe(record.draft_s)
+        self.verify_latency.labels(model=self.model, target=self.target).observe(record.verify_s)
+        self.round_latency.labels(**labels).observe(record.round_s)
+
+    def observe_fallback(self, drafter: str, reason: str) -> None:
+        self.fallbacks.labels(model=self.model, drafter=drafter, reason=reason).inc()

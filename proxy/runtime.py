@@ -1,0 +1,184 @@
+"""The proxy's long-lived parts: backends, the target's facts, totals and metrics.
+
+One ``ProxyRuntime`` lives on ``app.state`` for the app's lifetime (opened and
+closed by the lifespan). Per-request state lives in ``Generation`` objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+from tightwad.backends.base import DraftBackend, TargetBackend, TargetInfo
+from tightwad.config import ProxyConfig
+from tightwad.errors import BackendError, BackendUnavailable
+from tightwad.generation import Generation, GenerationRequest, RoundRecord
+from tightwad.metrics import ProxyMetrics
+from tightwad.proxy_stats import ProxyStats
+
+log = logging.getLogger("tightwad.proxy")
+
+PROBE_TEXTS = (
+    "Hello, world! 123 + 456 = 579.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "Ünïcödé, 日本語, emoji 🚀 and   spaces.",
+)
+DEFAULT_K = 8
+
+
+@dataclasses.dataclass
+class DrafterState:
+    backend: DraftBackend
+    tokenizer: str = "unchecked"  # "shared" (token ids travel) | "retokenize" (text travels)
+    healthy: bool = False
+
+
+class PieceTable:
+    """Token id -> bytes: from the verifier's vocabulary, else filled by detokenizing."""
+
+    def __init__(self, target: TargetBackend, pieces: Sequence[bytes] | None):
+        self._target = target
+        self._table = list(pieces) if pieces is not None else None
+        self._cache: dict[int, bytes] = {}
+
+    def __call__(self, token: int) -> bytes:
+        if self._table is not None:
+            return self._table[token] if 0 <= token < len(self._table) else b""
+        return self._cache.get(token, b"")
+
+    async def ensure(self, tokens: Sequence[int]) -> None:
+        if self._table is not None:
+            return
+        for t in set(tokens) - self._cache.keys():
+            self._cache[t] = (await self._target.detokenize([t])).encode("utf-8")
+
+
+class ProxyRuntime:
+    def __init__(self, config: ProxyConfig, target: TargetBackend, drafters: Sequence[DraftBackend]):
+        self.config = config
+        self.target = target
+        self.drafters = [DrafterState(d) for d in drafters]
+        self.target_info: TargetInfo | None = None
+        self.target_healthy = False
+        self.pieces: PieceTable | None = None
+        self.stats = ProxyStats()
+        self.metrics = ProxyMetrics(model=config.target.model_name or "target", target_backend=target.kind)
+        for d in self.drafters:
+            self.metrics.init_drafter(d.backend.name)
+        self._ready_lock = asyncio.Lock()
+
+    @property
+    def model_name(self) -> str:
+        if self.config.target.model_name:
+            return self.config.target.model_name
+        return self.target_info.model if self.target_info else "target"
+
+    async def ensure_ready(self) -> TargetInfo:
+        """Fetch the target's facts once; until then requests get a 503 with Retry-After."""
+        if self.target_info is not None:
+            return self.target_info
+        async with self._ready_lock:
+            if self.target_info is None:
+                try:
+                    info = await self.target.info()
+                except BackendError as exc:
+                    self.target_healthy = False
+                    raise BackendUnavailable(f"the target is not ready: {exc.message}") from exc
+                self.pieces = PieceTable(self.target, info.pieces)
+                self.target_info = info
+                self.target_healthy = True
+                self.metrics.target_generate_only.labels(model=self.model_name, target=self.target.kind).set(
+                    1 if info.verify_mode == "generate" else 0
+                )
+                await self.check_tokenizers()
+        assert self.target_info is not None
+        return self.target_info
+
+    async def check_tokenizers(self) -> None:
+        """Token ids travel only if draft and target split text identically.
+
+        A llama-server drafter from another model family is switched to its
+        OpenAI text endpoint, whose text the target's tokenizer re-tokenizes:
+        the two id spaces are never mixed.
+        """
+        for state in self.drafters:
+            state.tokenizer = await self._tokenizer_mode(state.backend)
+            if state.tokenizer == "retokenize" and state.backend.kind == "llamacpp":
+                from tightwad.backends.openai_draft import OpenAIDraft
+
+                old = state.backend
+                cfg = next((d for d in self.config.drafters if d.name == old.name), None)
+                state.backend = OpenAIDraft(
+                    old.url, name=old.name, model_name=cfg.model_name if cfg else None,
+                    timeout_s=cfg.timeout_s if cfg else self.config.draft_timeout_s,
+                    api_key=cfg.api_key if cfg else None,
+                )
+                await old.aclose()
+            log.info("drafter %s: tokenizer %s", state.backend.name, state.tokenizer)
+
+    async def _tokenizer_mode(self, drafter: DraftBackend) -> str:
+        if drafter.kind != "llamacpp":
+            return "retokenize"  # these drafters speak text by construction
+        assert self.target_info is not None
+        try:
+            if await drafter.vocab_size() not in (None, self.target_info.n_vocab):
+                return "retokenize"
+            for text in PROBE_TEXTS:
+                theirs = await drafter.tokenize(text)
+                ours = await self.target.tokenize(text, add_special=False)
+                if theirs != ours:
+                    return "retokenize"
+        except BackendError as exc:
+            log.warning("drafter %s: tokenizer check failed: %s", drafter.name, exc)
+            return "unchecked"
+        return "shared"
+
+    async def refresh_health(self) -> None:
+        async def check(role: str, name: str, kind: str, probe) -> bool:  # noqa: ANN001
+            try:
+                ok = bool(await probe())
+            except BackendError:
+                ok = False
+            self.metrics.backend_up.labels(model=self.model_name, role=role, name=name, backend=kind).set(int(ok))
+            return ok
+
+        self.target_healthy = await check("target", "target", self.target.kind, self.target.health)
+        for d in self.drafters:
+            d.healthy = await check("draft", d.backend.name, d.backend.kind, d.backend.health)
+
+    def choose_drafter(self) -> DrafterState | None:
+        usable = [d for d in self.drafters if d.tokenizer in ("shared", "retokenize")]
+        return usable[0] if usable else None
+
+    def choose_k(self) -> int:
+        return self.config.max_draft_tokens or DEFAULT_K
+
+    def new_generation(self, request: GenerationRequest) -> Generation:
+        info = self.target_info
+        assert info is not None and self.pieces is not None
+        drafter = self.choose_drafter()
+        name = drafter.backend.name if drafter else "none"
+
+        def on_round(record: RoundRecord) -> None:
+            self.stats.observe_round(record)
+            self.metrics.observe_round(record)
+
+        return Generation(
+            request,
+            drafter=drafter.backend if drafter else None,
+            target=self.target,
+            eog_tokens=info.eog_token_ids,
+            piece=self.pieces,
+            choose_k=self.choose_k(),
+            draft_timeout_s=self.config.draft_timeout_s,
+            fallback_on_draft_failure=self.config.fallback_on_draft_failure,
+            on_round=on_round,
+            on_fallback=lambda reason: self.metrics.observe_fallback(name, reason),
+        )
+
+    async def aclose(self) -> None:
+        for d in self.drafters:
+            await d.backend.aclose()
+        await self.target.aclose()
