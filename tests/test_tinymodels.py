@@ -12,6 +12,7 @@ from types import ModuleType
 import pytest
 
 from tightwad import llamacpp, models, tinymodels
+from tightwad.errors import ModelFetchError
 
 PROBE_TEXT = "Hello, world! def f(x):\n    return x ** 2  # naïve 🚀 <|im_start|>user\n"
 
@@ -46,9 +47,11 @@ def smollm_path() -> Path:
 
 
 def _load(llama_cpp: ModuleType, path: Path, **kwargs):
+    # One thread for both decode kinds: with two, ggml's workers spin-wait and
+    # a tiny model slows tenfold on a busy 2-core machine.
     return llama_cpp.Llama(
-        model_path=str(path), n_ctx=256, logits_all=False, verbose=False, seed=0, n_threads=2,
-        **kwargs,
+        model_path=str(path), n_ctx=256, logits_all=False, verbose=False, seed=0,
+        n_threads=1, n_threads_batch=1, **kwargs,
     )
 
 
@@ -109,6 +112,8 @@ def test_cli_prints_the_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert str(tmp_path / "near-zero-target.gguf") in out
     with pytest.raises(SystemExit):
         tinymodels.main(["no-such-pair"])
+    with pytest.raises(ModelFetchError, match="known pairs: high, medium, near-zero"):
+        tinymodels.write_pair("no-such-pair")
 
 
 def test_models_load_and_share_smollm2_tokenizer(
