@@ -7,6 +7,7 @@
     tightwad llama build | bin-dir
     tightwad proxy serve | start | stop | status
     tightwad local up | down | ps
+    tightwad benchmark --proxy [--max-tokens N] [--llama-spec DRAFT.gguf TARGET.gguf]
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     losub.add_parser("down", help="stop them")
     losub.add_parser("ps", help="show them")
 
+    b = sub.add_parser("benchmark", help="measure the proxy against the target alone")
+    b.add_argument("--proxy", action="store_true", required=True,
+                   help="prompts through the target alone and through the proxy, side by side")
+    b.add_argument("--max-tokens", type=_positive, default=64)
+    b.add_argument("--llama-spec", nargs=2, metavar=("DRAFT", "TARGET"),
+                   help="also run llama-server's own speculative decoding on these models")
+    b.add_argument("--spec-draft-n-max", type=_positive, default=16)
+    b.add_argument("--spec-port", type=int, default=8095)
+
     ll = sub.add_parser("llama", help="the pinned llama.cpp build")
     lsub = ll.add_subparsers(dest="llama_command", required=True)
     lsub.add_parser("build", help="build (or reuse) the pinned llama.cpp")
@@ -109,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_proxy(args)
         if args.command == "local":
             return _run_local(args)
+        if args.command == "benchmark":
+            return _run_benchmark(args)
     except TightwadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -196,6 +208,17 @@ def _run_local(args: argparse.Namespace) -> int:
     config = _load_config(args)
     command = {"up": localstack.up, "down": localstack.down, "ps": localstack.ps}[args.local_command]
     return command(config, args.config)
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tightwad import benchmark
+    from tightwad.proxy_cli import RUN_DIR
+
+    spec = (Path(args.llama_spec[0]), Path(args.llama_spec[1])) if args.llama_spec else None
+    return benchmark.run(_load_config(args), max_tokens=args.max_tokens, llama_spec=spec,
+                         spec_n_max=args.spec_draft_n_max, run_dir=RUN_DIR, port=args.spec_port)
 
 
 def _run_llama(args: argparse.Namespace) -> int:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 from tightwad.backends.base import DraftBackend, TargetBackend, TargetInfo
 from tightwad.config import ProxyConfig
-from tightwad.errors import BackendError, BackendUnavailable
-from tightwad.generation import Generation, GenerationRequest, RoundRecord
+from tightwad.errors import BackendError, BackendTimeout, BackendUnavailable
+from tightwad.generation import Generation, GenerationRequest, RoundRecord, fallback_reason
 from tightwad.metrics import ProxyMetrics
 from tightwad.proxy_stats import ProxyStats
 
@@ -33,6 +33,14 @@ class DrafterState:
     backend: DraftBackend
     tokenizer: str = "unchecked"  # "shared" (token ids travel) | "retokenize" (text travels)
     healthy: bool = False
+    # Why the last tokenizer check failed (the drafter was down or hung); None once checked.
+    check_error: BackendError | None = None
+    checks: int = 0  # tokenizer checks finished, so concurrent requests share one re-check
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+    @property
+    def usable(self) -> bool:
+        return self.tokenizer in ("shared", "retokenize")
 
 
 class PieceTable:
@@ -104,35 +112,52 @@ class ProxyRuntime:
         the two id spaces are never mixed.
         """
         for state in self.drafters:
-            state.tokenizer = await self._tokenizer_mode(state.backend)
-            if state.tokenizer == "retokenize" and state.backend.kind == "llamacpp":
-                from tightwad.backends.openai_draft import OpenAIDraft
+            await self._check_drafter(state)
 
-                old = state.backend
-                cfg = next((d for d in self.config.drafters if d.name == old.name), None)
-                state.backend = OpenAIDraft(
-                    old.url, name=old.name, model_name=cfg.model_name if cfg else None,
-                    timeout_s=cfg.timeout_s if cfg else self.config.draft_timeout_s,
-                    api_key=cfg.api_key if cfg else None,
-                )
-                await old.aclose()
-            log.info("drafter %s: tokenizer %s", state.backend.name, state.tokenizer)
+    async def _check_drafter(self, state: DrafterState) -> None:
+        """Decide how ``state`` talks to the target; a drafter that is down or hangs stays
+        "unchecked" (with the error kept) and is checked again when it is next needed."""
+        try:
+            state.tokenizer = await self._tokenizer_mode(state.backend)
+        except BackendError as exc:
+            log.warning("drafter %s: tokenizer check failed: %s", state.backend.name, exc)
+            state.check_error = exc
+            return
+        finally:
+            state.checks += 1
+        state.check_error = None
+        if state.tokenizer == "retokenize" and state.backend.kind == "llamacpp":
+            from tightwad.backends.openai_draft import OpenAIDraft
+
+            old = state.backend
+            cfg = next((d for d in self.config.drafters if d.name == old.name), None)
+            state.backend = OpenAIDraft(
+                old.url, name=old.name, model_name=cfg.model_name if cfg else None,
+                timeout_s=cfg.timeout_s if cfg else self.config.draft_timeout_s,
+                api_key=cfg.api_key if cfg else None,
+            )
+            await old.aclose()
+        log.info("drafter %s: tokenizer %s", state.backend.name, state.tokenizer)
+
+    async def _recheck(self, state: DrafterState) -> None:
+        """Check an unchecked drafter again; requests waiting meanwhile share the result."""
+        seen = state.checks
+        async with state.lock:
+            if state.checks == seen and not state.usable:
+                await self._check_drafter(state)
 
     async def _tokenizer_mode(self, drafter: DraftBackend) -> str:
+        """"shared" or "retokenize"; raises BackendError when the drafter cannot be asked."""
         if drafter.kind != "llamacpp":
             return "retokenize"  # these drafters speak text by construction
         assert self.target_info is not None
-        try:
-            if await drafter.vocab_size() not in (None, self.target_info.n_vocab):
+        if await drafter.vocab_size() not in (None, self.target_info.n_vocab):
+            return "retokenize"
+        for text in PROBE_TEXTS:
+            theirs = await drafter.tokenize(text)
+            ours = await self.target.tokenize(text, add_special=False)
+            if theirs != ours:
                 return "retokenize"
-            for text in PROBE_TEXTS:
-                theirs = await drafter.tokenize(text)
-                ours = await self.target.tokenize(text, add_special=False)
-                if theirs != ours:
-                    return "retokenize"
-        except BackendError as exc:
-            log.warning("drafter %s: tokenizer check failed: %s", drafter.name, exc)
-            return "unchecked"
         return "shared"
 
     async def refresh_health(self) -> None:
@@ -147,25 +172,50 @@ class ProxyRuntime:
         self.target_healthy = await check("target", "target", self.target.kind, self.target.health)
         for d in self.drafters:
             d.healthy = await check("draft", d.backend.name, d.backend.kind, d.backend.health)
+            if d.healthy and not d.usable and self.target_info is not None:
+                await self._recheck(d)  # it came up since its check failed
 
-    def choose_drafter(self) -> DrafterState | None:
-        usable = [d for d in self.drafters if d.tokenizer in ("shared", "retokenize")]
-        return usable[0] if usable else None
+    async def choose_drafter(self) -> tuple[DrafterState | None, DrafterState | None]:
+        """(the drafter for a new request, or None; the drafter that failed, if that is why).
+
+        The first drafter whose tokenizer check passed is used. When none has, those
+        whose check failed (down or hung at start-up, say) are checked again, so a
+        drafter that comes up later is used from then on.
+        """
+        for d in self.drafters:
+            if d.usable:
+                return d, None
+        failed = None
+        for d in self.drafters:
+            await self._recheck(d)
+            if d.usable:
+                return d, None
+            if d.check_error is not None and failed is None:
+                failed = d
+        return None, failed
 
     def choose_k(self) -> int:
         return self.config.max_draft_tokens or DEFAULT_K
 
-    def new_generation(self, request: GenerationRequest) -> Generation:
+    async def new_generation(self, request: GenerationRequest) -> Generation:
+        """A generation with the drafter to use. When every drafter is failing, the request
+        goes on with the target alone (a fallback, counted) or, with
+        ``fallback_on_draft_failure`` off, fails with the drafter's error."""
         info = self.target_info
         assert info is not None and self.pieces is not None
-        drafter = self.choose_drafter()
-        name = drafter.backend.name if drafter else "none"
+        drafter, failed = await self.choose_drafter()
+        if failed is not None and not self.config.fallback_on_draft_failure:
+            exc = failed.check_error
+            cls = BackendTimeout if isinstance(exc, BackendTimeout) else BackendUnavailable
+            raise cls(f"the draft '{failed.backend.name}' is not usable (fallback_on_draft_failure "
+                      f"is off): {exc.message if exc else 'unchecked'}") from exc
+        name = (drafter or failed).backend.name if (drafter or failed) else "none"
 
         def on_round(record: RoundRecord) -> None:
             self.stats.observe_round(record)
             self.metrics.observe_round(record)
 
-        return Generation(
+        generation = Generation(
             request,
             drafter=drafter.backend if drafter else None,
             target=self.target,
@@ -177,6 +227,11 @@ class ProxyRuntime:
             on_round=on_round,
             on_fallback=lambda reason: self.metrics.observe_fallback(name, reason),
         )
+        if failed is not None and failed.check_error is not None:
+            log.warning("draft %s is not usable (%s): this request uses the target alone",
+                        name, failed.check_error)
+            generation.note_fallback(fallback_reason(failed.check_error))
+        return generation
 
     async def aclose(self) -> None:
         for d in self.drafters:

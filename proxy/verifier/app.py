@@ -21,9 +21,11 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tightwad.errors import InvalidRequest
 from tightwad.http import EXCEPTION_HANDLERS, error_body
@@ -31,7 +33,7 @@ from tightwad.validation import RequestBody, parse_json_body
 from tightwad.verifier import completions
 from tightwad.verifier.engine import EvalStats, PositionScore
 from tightwad.verifier.sampling import TOP_LOGPROBS_MAX, SamplingParams
-from tightwad.verifier.service import VerifierService
+from tightwad.verifier.service import UNCOUNTED_PATHS, VerifierMetrics, VerifierService
 
 log = logging.getLogger("tightwad.verifier")
 
@@ -281,9 +283,37 @@ def create_app(service: VerifierService, *, load_in_background: bool = True) -> 
         Route("/v1/completions", completions_endpoint, methods=["POST"]),
         Route("/metrics", metrics),
     ]
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
+                    middleware=[Middleware(RequestMetrics, metrics=service.metrics)])
     app.state.service = service
     return app
+
+
+class RequestMetrics:
+    """Counts requests by endpoint and status and gauges those in flight (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, metrics: VerifierMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNCOUNTED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.observe_request(scope["path"], status)
 
 
 async def _load_logged(service: VerifierService) -> None:
