@@ -10,10 +10,24 @@ the ``tightwad_`` prefix:
     per-position acceptance  rate(tightwad_spec_decode_num_accepted_tokens_per_pos_total[5m])
                              / ignoring(position) group_left
                                rate(tightwad_spec_decode_num_drafts_total[5m])
+    tokens saved per second  rate(tightwad_spec_decode_num_emitted_tokens_total[5m])
+                             - rate(tightwad_rounds_total[5m])
+    TTFT p95                 histogram_quantile(0.95, sum by (le)
+                               (rate(tightwad_time_to_first_token_seconds_bucket[5m])))
 
-Ratios are computed in PromQL, never exported as gauges. The proxy runs as ONE
-uvicorn worker by design (its work is waiting on backends), so a plain
-registry is exact; more workers would need prometheus-client's multiprocess mode.
+The same queries, aggregated by ``model`` and ``drafter``, are recorded by
+``images/prometheus/rules/tightwad.rules.yml`` (``tightwad:acceptance_rate:rate5m``
+and friends) and drawn by ``grafana/dashboards/speculation.json``.
+
+Ratios are computed in PromQL, never exported as gauges. Labels stay few:
+``model`` (the target's name), ``drafter`` (a configured drafter's name, or
+``none``), ``target``/``backend`` (a backend kind), ``role``, ``position``
+(below ``MAX_POSITIONS``), ``reason`` (``FALLBACK_REASONS``), ``endpoint``
+(``ENDPOINTS`` or ``other``) and ``status`` (an HTTP status code).
+
+The proxy runs as ONE uvicorn worker by design (its work is waiting on
+backends), so a plain registry is exact; more workers would need
+prometheus-client's multiprocess mode.
 """
 
 from __future__ import annotations
@@ -26,6 +40,11 @@ LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 TOKENS_PER_ROUND_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 MAX_POSITIONS = 64  # per-position series beyond this would only add cardinality
+# Why a request went on with the target alone (tightwad.generation._reason).
+FALLBACK_REASONS = ("timeout", "unavailable", "bad_response", "error")
+# Request counters name these endpoints; any other path is counted as "other",
+# so that probing clients cannot create series at will.
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/tightwad/status")
 
 
 class ProxyMetrics:
@@ -58,14 +77,49 @@ class ProxyMetrics:
         self.target_generate_only = Gauge(
             "tightwad_target_generate_only", "1 when the target can only confirm drafts by generating them (no speed-up)",
             ["model", "target"], registry=r)
+        self._drafters: list[str] = []
+        self._init_requests()
+
+    def _init_requests(self) -> None:
+        # A series born at 1 hides its first request from rate(); start the usual ones at 0.
+        for endpoint in ENDPOINTS:
+            self.requests.labels(model=self.model, endpoint=endpoint, status="200")
 
     def init_drafter(self, name: str) -> None:
         """Create the labelled series up front, so that dashboards see zeros, not gaps."""
+        if name not in self._drafters:
+            self._drafters.append(name)
         labels = {"model": self.model, "drafter": name}
         for c in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
                   self.num_emitted_tokens, self.rounds, self.drafter_wins):
             c.labels(**labels)
         self.num_accepted_per_pos.labels(**labels, position="0")
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(**labels, reason=reason)
+
+    def bind_model(self, model: str) -> None:
+        """Label everything with ``model`` from now on (the target's name, once known).
+
+        Until the target first answers, the runtime only knows the configured
+        name, or "target". Series made under the old name are dropped when they
+        hold nothing (gauges, and counters still at zero), so that no stale
+        ``tightwad_backend_up{model="target"} 0`` keeps an alert firing and the
+        dashboards' ``model`` variable offers one name.
+        """
+        old, self.model = self.model, model
+        if old == model:
+            return
+        for collector in vars(self).values():
+            if isinstance(collector, Counter | Gauge | Histogram):
+                for values in _series_of_model(collector, old):
+                    collector.remove(*values)
+        self._init_requests()
+        for name in self._drafters:
+            self.init_drafter(name)
+
+    def observe_request(self, path: str, status: int) -> None:
+        endpoint = path if path in ENDPOINTS else "other"
+        self.requests.labels(model=self.model, endpoint=endpoint, status=str(status)).inc()
 
     def observe_round(self, record: RoundRecord) -> None:
         labels = {"model": self.model, "drafter": record.drafter or "none"}
@@ -87,4 +141,20 @@ class ProxyMetrics:
         self.round_latency.labels(**labels).observe(record.round_s)
 
     def observe_fallback(self, drafter: str, reason: str) -> None:
+        reason = reason if reason in FALLBACK_REASONS else "error"
         self.fallbacks.labels(model=self.model, drafter=drafter, reason=reason).inc()
+
+
+def _series_of_model(collector: Counter | Gauge | Histogram, model: str) -> list[tuple[str, ...]]:
+    """Label values of ``collector``'s series with this ``model`` that may be dropped:
+    all of a gauge's, and those of counters and histograms that are still zero."""
+    values: dict[tuple[str, ...], bool] = {}  # label values -> every sample is zero
+    for family in collector.collect():
+        for sample in family.samples:
+            if sample.labels.get("model") != model or sample.name.endswith("_created"):
+                continue
+            key = tuple(v for k, v in sample.labels.items() if k != "le")
+            values[key] = values.get(key, True) and sample.value == 0
+    if isinstance(collector, Gauge):
+        return list(values)
+    return [k for k, zero in values.items() if zero]

@@ -166,9 +166,11 @@ class LlamaCppDraft:
         if sampling.greedy:
             return [DraftToken(t, {t: 1.0}) for t in ids]
         probs = reply.get("completion_probabilities")
-        if not isinstance(probs, list) or len(probs) != len(ids):
-            raise garbage(where, f"expected {len(ids)} completion_probabilities", probs)
-        return [_sampled_token(t, entry, top_k, where) for t, entry in zip(ids, probs, strict=True)]
+        if not isinstance(probs, list) or len(probs) > len(ids):
+            raise garbage(where, f"expected at most {len(ids)} completion_probabilities", probs)
+        # llama-server leaves out the probabilities of a final end-of-generation
+        # token; a shorter draft is still a valid draft, so keep what is covered.
+        return [_sampled_token(t, entry, top_k, where) for t, entry in zip(ids, probs, strict=False)]
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -73,6 +73,8 @@ class VerifierMetrics:
             "tightwad_verifier_requests", "Requests by endpoint and status",
             ["model", "endpoint", "status"], registry=registry,
         )
+        for endpoint in ("/v1/tightwad/verify", "/v1/tightwad/generate", "/v1/completions"):
+            self.requests.labels(model=model, endpoint=endpoint, status="200")  # zeros, not gaps
         self.in_flight = Gauge(
             "tightwad_verifier_requests_in_flight", "Requests being served or queued for the model",
             ["model"], registry=registry,
