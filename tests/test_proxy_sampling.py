@@ -32,7 +32,7 @@ from tightwad.app import create_app
 from tightwad.config import parse_config
 from tightwad.speculation import RoundResult, loop
 
-N_SAMPLES = 1500
+N_SAMPLES = 600
 TOP_K = 6  # both sides sample from their own top 6, so the categories are few
 TEMPERATURE = 1.0
 
