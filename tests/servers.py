@@ -140,3 +140,39 @@ def write_proxy_config(path: Path, *, draft_url: str, target_url: str, port: int
 """
     )
     return path
+
+
+class InProcessProxy:
+    """The proxy app under uvicorn in a thread of this process, so tests can patch it."""
+
+    def __init__(self, proxy_section: dict):
+        import threading
+
+        import uvicorn
+
+        from tightwad.app import create_app
+        from tightwad.config import parse_config
+
+        self.port = free_port()
+        section = {"host": "127.0.0.1", "port": self.port, **proxy_section}
+        config = parse_config({"proxy": section}).require_proxy("test")
+        self.server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1",
+                                                    port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> InProcessProxy:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("in-process proxy did not become healthy")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -43,7 +43,7 @@ PROMPTS = [
     "Explain recursion to a five-year-old.",
     "1, 1, 2, 3, 5, 8,",
 ]
-QWEN_MAX = 20
+QWEN_MAX = 16
 TINY_MAX = 40
 NOISE_CEILING = 1.0
 _divergences: dict[str, list] = {}
@@ -61,11 +61,20 @@ def prompt_tokens(target_url: str, prompt: str, chat: bool) -> list[int]:
     return tokenize(target_url, text, add_special=False)
 
 
+_references: dict[tuple, dict] = {}
+
+
 def target_alone(target_url: str, tokens: list[int], max_tokens: int) -> dict:
-    r = httpx.post(f"{target_url}/v1/tightwad/generate",
-                   json={"tokens": tokens, "max_tokens": max_tokens, "top_logprobs": 20}, timeout=600)
-    r.raise_for_status()
-    return r.json()
+    """The target generating alone, one token at a time (the same in strict and fast mode,
+    so each prompt's reference is computed once per model and reused)."""
+    model = httpx.get(f"{target_url}/v1/tightwad/info").json()["model_path"]
+    key = (model, tuple(tokens), max_tokens)
+    if key not in _references:
+        r = httpx.post(f"{target_url}/v1/tightwad/generate",
+                       json={"tokens": tokens, "max_tokens": max_tokens, "top_logprobs": 20}, timeout=600)
+        r.raise_for_status()
+        _references[key] = r.json()
+    return _references[key]
 
 
 def visible(reference: dict, eog: set[int]) -> list[int]:
@@ -75,7 +84,7 @@ def visible(reference: dict, eog: set[int]) -> list[int]:
 def via_proxy(client: openai.OpenAI, prompt: str, *, chat: bool, stream: bool, max_tokens: int) -> list[int]:
     extra = {"return_tokens": True}
     if chat:
-        kwargs = dict(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+        kwargs = dict(model="tightwad", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
                       temperature=0, extra_body=extra)
         if not stream:
             r = client.chat.completions.create(**kwargs)
@@ -84,7 +93,7 @@ def via_proxy(client: openai.OpenAI, prompt: str, *, chat: bool, stream: bool, m
         for chunk in client.chat.completions.create(**kwargs, stream=True):
             tokens += (chunk.model_extra.get("tightwad") or {}).get("tokens", [])
         return tokens
-    kwargs = dict(prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra)
+    kwargs = dict(model="tightwad", prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra)
     if not stream:
         return client.completions.create(**kwargs).model_extra["tightwad"]["tokens"]
     tokens = []
@@ -93,8 +102,18 @@ def via_proxy(client: openai.OpenAI, prompt: str, *, chat: bool, stream: bool, m
     return tokens
 
 
+_noise: dict[tuple, float] = {}
+
+
 def batch_noise(fast_url: str, tokens: list[int], reference: dict) -> float:
     """Largest logprob difference between one batched verify and sequential generation."""
+    key = (fast_url, tuple(tokens))
+    if key not in _noise:
+        _noise[key] = _batch_noise(fast_url, tokens, reference)
+    return _noise[key]
+
+
+def _batch_noise(fast_url: str, tokens: list[int], reference: dict) -> float:
     ref = reference["tokens"]
     r = httpx.post(f"{fast_url}/v1/tightwad/verify",
                    json={"tokens": tokens, "draft": ref[:-1], "top_logprobs": 20}, timeout=600).json()
@@ -192,3 +211,29 @@ def test_fast_mode_diverges_only_at_near_ties(stacks, family, chat, stream):
     _divergences[f"{family}-{'chat' if chat else 'completions'}-{'stream' if stream else 'plain'}"] = divergences
     print(f"\n{family} fast: {len(divergences)}/{len(PROMPTS)} prompts diverged (noise {noise:.3f}); "
           f"gaps {[round(g, 3) for *_, g in divergences]}")
+
+
+def test_a_broken_acceptance_rule_fails_the_identity_check(servers, models_for, monkeypatch):
+    """Accepting every drafted token (the 'tokenizers agree, so accept' mistake) is caught."""
+    from servers import InProcessProxy
+
+    from tightwad.speculation import RoundResult, loop
+
+    def accept_everything(draft_tokens, target):  # noqa: ANN001, ANN202
+        return RoundResult(tokens=[*draft_tokens, target[len(draft_tokens)].token],
+                           n_drafted=len(draft_tokens), n_accepted=len(draft_tokens),
+                           accepted_mask=[True] * len(draft_tokens))
+
+    draft_path, target_path, max_tokens = models_for("tiny")
+    draft = servers("llama-server", draft_path, "--parallel", "4")
+    target = servers("verifier", target_path, "--parallel", "4", "--strict")
+    eog = set(httpx.get(f"{target.url}/v1/tightwad/info").json()["eog_token_ids"])
+    monkeypatch.setattr(loop, "accept_greedy", accept_everything)
+    with InProcessProxy({"mode": "strict", "draft": {"url": draft.url}, "target": {"url": target.url}}) as p:
+        client = openai.OpenAI(base_url=f"{p.url}/v1", api_key="unused")
+        mismatches = 0
+        for prompt in PROMPTS[:5]:
+            want = visible(target_alone(target.url, prompt_tokens(target.url, prompt, False), max_tokens), eog)
+            got = via_proxy(client, prompt, chat=False, stream=False, max_tokens=max_tokens)
+            mismatches += got != want
+    assert mismatches > 0, "accepting every draft token went unnoticed"

@@ -17,19 +17,14 @@ its backends are the real llama-server and verifier.
 from __future__ import annotations
 
 import random
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 from scipy.stats import chisquare
-from servers import free_port
+from servers import InProcessProxy
 
 from tightwad import tinymodels
-from tightwad.app import create_app
-from tightwad.config import parse_config
 from tightwad.speculation import RoundResult, loop
 
 N_SAMPLES = 600
@@ -46,27 +41,9 @@ def pair_servers(servers):
 @pytest.fixture(scope="module")
 def proxy_url(pair_servers) -> Iterator[str]:
     draft, target = pair_servers
-    port = free_port()
-    config = parse_config({"proxy": {
-        "host": "127.0.0.1", "port": port, "max_draft_tokens": 4,
-        "draft": {"url": draft.url, "backend": "llamacpp"},
-        "target": {"url": target.url, "backend": "verifier"},
-    }}).require_proxy("test")
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+    with InProcessProxy({"max_draft_tokens": 4, "draft": {"url": draft.url, "backend": "llamacpp"},
+                         "target": {"url": target.url, "backend": "verifier"}}) as proxy:
+        yield proxy.url
 
 
 def target_distribution(target_url: str, context: list[int]) -> dict[int, float]:
@@ -148,7 +125,7 @@ def resample_from_target(draft, target, rng: random.Random) -> RoundResult:  # n
             support = list(target[i].probs.items())
             tail = 1.0 - sum(v for _, v in support)
             u = rng.random() * (sum(v for _, v in support) + tail)
-            for tok, v in support:
+            for tok, v in support:  # noqa: B007 - tok is the pick after the break
                 if u < v:
                     break
                 u -= v
