@@ -8,6 +8,9 @@
     tightwad proxy serve | start | stop | status
     tightwad local up | down | ps
     tightwad benchmark --proxy [--max-tokens N] [--llama-spec DRAFT.gguf TARGET.gguf]
+    tightwad benchmark [--max-tokens N]                 (the cluster's coordinator alone)
+    tightwad status | start [-m MODEL] | stop | swap MODEL | plan [MODEL]   (the cluster:
+                      tightwad.orchestrator.cli)
 """
 
 from __future__ import annotations
@@ -84,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     losub.add_parser("ps", help="show them")
 
     b = sub.add_parser("benchmark", help="measure the proxy against the target alone")
-    b.add_argument("--proxy", action="store_true", required=True,
-                   help="prompts through the target alone and through the proxy, side by side")
+    b.add_argument("--proxy", action="store_true",
+                   help="prompts through the target alone and through the proxy, side by side "
+                        "(without it: the cluster coordinator's prompt and generation tok/s)")
     b.add_argument("--max-tokens", type=_positive, default=64)
     b.add_argument("--llama-spec", nargs=2, metavar=("DRAFT", "TARGET"),
                    help="also run llama-server's own speculative decoding on these models")
@@ -96,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     lsub = ll.add_subparsers(dest="llama_command", required=True)
     lsub.add_parser("build", help="build (or reuse) the pinned llama.cpp")
     lsub.add_parser("bin-dir", help="print the pinned build's bin directory")
+
+    # The cluster commands (status, start, stop, swap, plan) live in tightwad.orchestrator.
+    from tightwad.orchestrator import cli as cluster_cli
+
+    cluster_cli.add_parsers(sub)
     return parser
 
 
@@ -121,6 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_local(args)
         if args.command == "benchmark":
             return _run_benchmark(args)
+        from tightwad.orchestrator import cli as cluster_cli
+
+        if args.command in cluster_cli.COMMANDS:
+            return cluster_cli.run(args)
     except TightwadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -216,6 +229,10 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     from tightwad import benchmark
     from tightwad.proxy_cli import RUN_DIR
 
+    if not args.proxy:  # the cluster's coordinator alone (tightwad.orchestrator)
+        from tightwad.orchestrator import cli as cluster_cli
+
+        return cluster_cli.run_benchmark(args)
     spec = (Path(args.llama_spec[0]), Path(args.llama_spec[1])) if args.llama_spec else None
     return benchmark.run(_load_config(args), max_tokens=args.max_tokens, llama_spec=spec,
                          spec_n_max=args.spec_draft_n_max, run_dir=RUN_DIR, port=args.spec_port)

@@ -275,6 +275,7 @@ def test_worker_specs_per_vendor(qwen15: Path) -> None:
     cpu = ct.worker_spec(cpu_config, "t", cpu_config.workers[0], cpu_config.workers[0].gpus[0])
     assert not cpu.gpu_requests and not cpu.devices and not cpu.group_add
     assert cpu.image == "tightwad/llama.cpp:cpu" and cpu.name == "tightwad-t-rpc-b-0"
+    assert nvidia.network == "tightwad-net" and cpu.network == "tightwad-t-net"  # not the default bridge
 
 
 def test_coordinator_command_llama_server_and_verifier(qwen15: Path) -> None:

@@ -149,6 +149,8 @@ def cluster(daemons: tuple[docker.DockerClient, docker.DockerClient], image: str
         for client in (d1, d2):
             for c in client.containers.list(all=True, filters={"label": f"io.tightwad.cluster={name}"}):
                 c.remove(force=True)
+            for n in client.networks.list(filters={"label": f"io.tightwad.cluster={name}"}):
+                n.remove()
         if previous is None:
             os.environ.pop("TIGHTWAD_CLUSTER", None)
         else:
@@ -425,6 +427,7 @@ def test_killed_worker_shows_down_and_blocks_start(
     stop = tightwad(cluster, "stop")
     assert stop.returncode == 0, stop.stderr
     assert not _workers(d2)
+    assert not d2.networks.list(filters={"label": f"io.tightwad.cluster={os.environ['TIGHTWAD_CLUSTER']}"})
 
 
 def test_overlap_swap_when_the_coordinator_has_room(
