@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -24,6 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tightwad.backends._http import HttpStatusError
 from tightwad.backends.base import DraftBackend, TargetBackend
 from tightwad.config import ProxyConfig
 from tightwad.errors import InvalidRequest, ModelNotFound, TightwadError
@@ -97,7 +99,7 @@ class RequestAccounting:
         key = self.runtime.config.api_key
         if key and path not in OPEN_PATHS:
             headers = dict(scope["headers"])
-            if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {key}":
+            if not _key_matches(headers.get(b"authorization", b""), key):
                 body = error_body("missing or wrong API key (Authorization: Bearer ...)",
                                   type_="invalid_request_error", code="invalid_api_key")
                 await JSONResponse(body, status_code=401)(scope, receive, send)
@@ -118,14 +120,33 @@ class RequestAccounting:
 
     def _count(self, path: str, status: int) -> None:
         if path.startswith("/v1/"):
-            self.runtime.metrics.requests.labels(
-                model=self.runtime.model_name, endpoint=path, status=str(status)
-            ).inc()
+            self.runtime.metrics.observe_request(path, status)
+
+
+def _key_matches(header: bytes, key: str) -> bool:
+    """``Authorization: Bearer <key>`` (the scheme in any case), compared in constant time."""
+    scheme, _, given = header.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), key.encode())
 
 
 async def _read(request: Request) -> RequestBody:
+    """The JSON body, refused with 413 as soon as it is known to be over the limit
+    (by its Content-Length, else while it arrives), never read whole first."""
     limit = _runtime(request).config.max_request_bytes
-    return RequestBody(parse_json_body(await request.body(), max_bytes=limit))
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(f"{declared} bytes", limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(f"over {limit} bytes", limit)
+    return RequestBody(parse_json_body(bytes(body), max_bytes=limit))
+
+
+def _too_large(size: str, limit: int) -> InvalidRequest:
+    return InvalidRequest(f"request body is {size}; the limit is {limit} (proxy.max_request_bytes)",
+                          param="body", code="request_too_large", status_code=413)
 
 
 def _check_model(rt: ProxyRuntime, requested: str | None) -> None:
@@ -154,7 +175,14 @@ async def _prompt_tokens(rt: ProxyRuntime, parsed: ParsedRequest) -> list[int]:
     assert info is not None
     if parsed.chat:
         assert parsed.messages is not None
-        text = await rt.target.render_chat(parsed.messages)
+        try:
+            text = await rt.target.render_chat(parsed.messages)
+        except HttpStatusError as exc:
+            if not 400 <= exc.status < 500:
+                raise
+            # The target's template refused these messages: the client's mistake, not a 502.
+            raise InvalidRequest(f"the target's chat template refused the messages: {exc.message}",
+                                 param="messages") from exc
         # The template writes the special tokens itself, as HF's apply_chat_template does.
         return await rt.target.tokenize(text, add_special=False)
     if isinstance(parsed.prompt, list):
@@ -181,13 +209,14 @@ async def _serve(request: Request, parsed: ParsedRequest) -> Response:
         raise InvalidRequest(
             f"prompt ({len(prompt)} tokens) + max_tokens ({parsed.max_tokens}) exceeds the target's "
             f"context of {info.n_ctx}", param="max_tokens", code="context_length_exceeded")
-    gen = rt.new_generation(GenerationRequest(
+    gen = await rt.new_generation(GenerationRequest(
         prompt=prompt, max_tokens=max_tokens, sampling=parsed.sampling,
         session=f"tw-{uuid.uuid4().hex}", stops=parsed.stops, top_logprobs=parsed.logprobs,
     ))
     assert rt.pieces is not None
     fmt = Formatter(chat=parsed.chat, model=rt.model_name, piece=rt.pieces,
-                    logprobs=parsed.logprobs is not None, return_tokens=parsed.return_tokens)
+                    logprobs=parsed.logprobs is not None, return_tokens=parsed.return_tokens,
+                    include_usage=parsed.include_usage)
     if parsed.stream:
         return StreamingResponse(_stream(request, rt, gen, fmt, parsed, len(prompt)),
                                  media_type="text/event-stream",
@@ -199,7 +228,6 @@ async def _serve(request: Request, parsed: ParsedRequest) -> Response:
     async def collect() -> None:
         nonlocal finish
         async for event in gen.events():
-            await rt.pieces.ensure(event.tokens)  # type: ignore[union-attr]
             text.append(event.text)
             items.extend(event.logprobs)
             finish = event.finish_reason or finish
@@ -257,8 +285,8 @@ async def _stream(request: Request, rt: ProxyRuntime, gen: Generation, fmt: Form
             if role is not None:
                 await queue.put(sse(role))
             async for event in gen.events():
-                await rt.pieces.ensure(event.tokens)  # type: ignore[union-attr]
-                await queue.put(sse(fmt.delta_chunk(event.text, event.logprobs, event.finish_reason)))
+                for chunk in fmt.delta_chunks(event.text, event.logprobs, event.finish_reason):
+                    await queue.put(sse(chunk))
             if parsed.include_usage:
                 await queue.put(sse(fmt.usage_chunk(n_prompt, gen.stats)))
         except TightwadError as exc:

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from tightwad.backends.base import DraftBackend, DraftRequest, Sampling, TargetBackend
 from tightwad.errors import BackendError
@@ -100,6 +100,7 @@ class Generation:
         fallback_on_draft_failure: bool,
         on_round: Callable[[RoundRecord], None] | None = None,
         on_fallback: Callable[[str], None] | None = None,
+        ensure_pieces: Callable[[Sequence[int]], Awaitable[None]] | None = None,
     ):
         self.request = request
         self.drafter = drafter
@@ -111,6 +112,9 @@ class Generation:
         self.fallback = fallback_on_draft_failure
         self.on_round = on_round
         self.on_fallback = on_fallback
+        # Fetches the bytes of tokens that ``piece`` does not know yet (a target without a
+        # vocabulary table); awaited before any token's text is worked out.
+        self.ensure_pieces = ensure_pieces
         self.stats = GenerationStats()
         self._drafter_alive = drafter is not None
         self._last_positions: Sequence[TargetPosition] = ()
@@ -135,16 +139,20 @@ class Generation:
         except (TimeoutError, BackendError) as exc:
             if not self.fallback:
                 raise
-            reason = "timeout" if isinstance(exc, TimeoutError) else _reason(exc)
+            reason = "timeout" if isinstance(exc, TimeoutError) else fallback_reason(exc)
             log.warning("draft %s failed (%s): continuing with the target alone", self.drafter.name, exc)
-            self.stats.fallbacks.append(reason)
-            if self.on_fallback is not None:
-                self.on_fallback(reason)
+            self.note_fallback(reason)
             self._drafter_alive = False
             return []
         self._round_draft_s = time.perf_counter() - started
         self.stats.draft_seconds.append(self._round_draft_s)
         return list(drafted)
+
+    def note_fallback(self, reason: str) -> None:
+        """Record that this request went on with the target alone, and why."""
+        self.stats.fallbacks.append(reason)
+        if self.on_fallback is not None:
+            self.on_fallback(reason)
 
     async def _verify(
         self, context: tuple[int, ...], draft: Sequence[DraftToken]
@@ -176,7 +184,11 @@ class Generation:
                     if drafter is not None and outcome.result.n_accepted:
                         wins = self.stats.drafter_wins
                         wins[drafter] = wins.get(drafter, 0) + outcome.result.n_accepted
-                    self._pending.extend(self._logprobs(outcome.tokens)[: len(visible)])
+                    logprobs = self._logprobs(outcome.tokens)[: len(visible)]
+                    if self.ensure_pieces is not None:
+                        await self.ensure_pieces(
+                            [*visible, *(t for lp in logprobs for t, _ in lp.top)])
+                    self._pending.extend(logprobs)
                     update = self.text.push(visible)
                     finish = outcome.finished
                     if update.stopped:
@@ -243,7 +255,8 @@ def _merge(a: TextUpdate, b: TextUpdate) -> TextUpdate:
     return a
 
 
-def _reason(exc: BackendError) -> str:
+def fallback_reason(exc: BackendError) -> str:
+    """The ``reason`` label of a fallback caused by ``exc``."""
     name = type(exc).__name__
     return {"BackendTimeout": "timeout", "BackendUnavailable": "unavailable",
             "BackendProtocolError": "bad_response"}.get(name, "error")

@@ -4,7 +4,8 @@ Shapes follow the OpenAI API exactly, so the official client parses them:
 completions stream ``text_completion`` chunks; chat streams
 ``chat.completion.chunk`` with the role first, content deltas, an empty delta
 with ``finish_reason`` last, and (with ``stream_options.include_usage``) a
-final chunk with empty ``choices`` and the usage. Each body also carries a
+final chunk with empty ``choices`` and the usage, every other chunk then
+carrying ``"usage": null``. Each body also carries a
 ``tightwad`` object with the request's own speculation figures.
 """
 
@@ -83,9 +84,11 @@ def chat_logprobs(items: Sequence[TokenLogprob], piece: Piece) -> dict[str, Any]
 class Formatter:
     """Builds the bodies and chunks of one response (one id, one creation time)."""
 
-    def __init__(self, *, chat: bool, model: str, piece: Piece, logprobs: bool, return_tokens: bool = False):
+    def __init__(self, *, chat: bool, model: str, piece: Piece, logprobs: bool, return_tokens: bool = False,
+                 include_usage: bool = False):
         self.chat = chat
         self.return_tokens = return_tokens
+        self.include_usage = include_usage
         self.model = model
         self.piece = piece
         self.logprobs = logprobs
@@ -131,12 +134,23 @@ class Formatter:
             return None
         return self._chunk({"role": "assistant", "content": ""}, None, None)
 
+    def delta_chunks(
+        self, text: str, items: Sequence[TokenLogprob], finish: str | None
+    ) -> list[dict[str, Any]]:
+        """The chunks for one generation event. A chat stream ends, as OpenAI's does,
+        with a chunk of its own: an empty delta carrying ``finish_reason``."""
+        if self.chat and finish is not None and (text or items):
+            return [self.delta_chunk(text, items, None), self.delta_chunk("", (), finish)]
+        return [self.delta_chunk(text, items, finish)]
+
     def delta_chunk(self, text: str, items: Sequence[TokenLogprob], finish: str | None) -> dict[str, Any]:
         logprobs = self._logprobs(items)
         if not self.chat:
             body = self._envelope("text_completion")
             body["choices"] = [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]
             self._text_offset += len(text)
+            if self.include_usage:
+                body["usage"] = None
         else:
             body = self._chunk({"content": text} if text else {}, logprobs, finish)
         if self.return_tokens:
@@ -146,6 +160,8 @@ class Formatter:
     def _chunk(self, delta: dict[str, Any], logprobs: Any, finish: str | None) -> dict[str, Any]:
         body = self._envelope("chat.completion.chunk")
         body["choices"] = [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
+        if self.include_usage:
+            body["usage"] = None
         return body
 
     def usage_chunk(self, prompt_tokens: int, stats: GenerationStats) -> dict[str, Any]:

@@ -40,11 +40,29 @@ def serve(config: Config) -> int:
     return 0
 
 
-def _check(role: str, name: str | None, url: str, health_path: str = "/health") -> bool:
+def _served_model(url: str, backend: str) -> str | None:
+    """The model a server says it serves: Ollama's first tag, else the first ``/v1/models``
+    id (llama-server reports the file's path: shown as its name, without ``.gguf``)."""
     try:
-        ok = httpx.get(url + health_path, timeout=5).status_code == 200
+        if backend == "ollama":
+            name = httpx.get(url + "/api/tags", timeout=5).json()["models"][0]["name"]
+        else:
+            name = httpx.get(url + "/v1/models", timeout=5).json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, LookupError, TypeError):
+        return None
+    if not isinstance(name, str):
+        return None
+    name = name.rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+
+
+def _check(role: str, name: str | None, url: str, backend: str) -> bool:
+    try:
+        ok = httpx.get(url + _health_path(backend), timeout=5).status_code == 200
     except httpx.HTTPError:
         ok = False
+    if ok and name is None:
+        name = _served_model(url, backend)
     where = url.split("://", 1)[-1]
     label = f"{role} model {'healthy' if ok else 'NOT reachable'} ({name or '?'} @ {where})"
     print(f"{'✓' if ok else '✗'} {label}")
@@ -53,8 +71,8 @@ def _check(role: str, name: str | None, url: str, health_path: str = "/health") 
 
 def start(config: Config, config_path: str | None) -> int:
     proxy = config.require_proxy("tightwad proxy start")
-    healthy = all([_check("Draft", d.model_name, d.url, _health_path(d.backend)) for d in proxy.drafters])
-    target_ok = _check("Target", proxy.target.model_name, proxy.target.url, _health_path(proxy.target.backend))
+    healthy = all([_check("Draft", d.model_name, d.url, d.backend) for d in proxy.drafters])
+    target_ok = _check("Target", proxy.target.model_name, proxy.target.url, proxy.target.backend)
     if not target_ok:
         print("error: the target must be up before the proxy starts", file=sys.stderr)
         return 1

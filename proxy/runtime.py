@@ -96,6 +96,7 @@ class ProxyRuntime:
                     raise BackendUnavailable(f"the target is not ready: {exc.message}") from exc
                 self.pieces = PieceTable(self.target, info.pieces)
                 self.target_info = info
+                self.metrics.bind_model(self.model_name)
                 self.target_healthy = True
                 self.metrics.target_generate_only.labels(model=self.model_name, target=self.target.kind).set(
                     1 if info.verify_mode == "generate" else 0
@@ -226,6 +227,7 @@ class ProxyRuntime:
             fallback_on_draft_failure=self.config.fallback_on_draft_failure,
             on_round=on_round,
             on_fallback=lambda reason: self.metrics.observe_fallback(name, reason),
+            ensure_pieces=self.pieces.ensure,
         )
         if failed is not None and failed.check_error is not None:
             log.warning("draft %s is not usable (%s): this request uses the target alone",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import http.server
 import json
 import threading
@@ -137,7 +138,7 @@ class Stack:
     draft: ServerProcess
     target: ServerProcess
 
-    @property
+    @functools.cached_property
     def ref(self) -> TargetAlone:
         return TargetAlone(self.target.url)
 
@@ -510,10 +511,47 @@ def assert_openai_error(r: httpx.Response, status: int, param: str | None) -> di
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param"), BAD_REQUESTS,
-                         ids=[f"{p.rsplit('/', 1)[-1]}-{i}" for i, (p, *_) in enumerate(BAD_REQUESTS)])
+                         ids=[f"{'chat' if p == CHAT else 'completions'}-{param}-{i}"
+                              for i, (p, _, _, param) in enumerate(BAD_REQUESTS)])
 def test_bad_requests_get_openai_errors_naming_the_field(tiny_proxy, path, body, status, param):
     error = assert_openai_error(_post(tiny_proxy.url + path, body), status, param)
     assert error["type"] == "invalid_request_error"
+
+
+def test_large_and_chunked_bodies_are_refused_with_413(tiny_proxy):
+    big = json.dumps({"prompt": "x" * 2_000_000}).encode()
+    r = _post(f"{tiny_proxy.url}/v1/completions", big)
+    assert_openai_error(r, 413, "body")
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit applies as it arrives
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 1000
+        yield b'"}'
+
+    r = httpx.post(f"{tiny_proxy.url}/v1/completions", content=chunked(), timeout=TIMEOUT,
+                   headers={"Content-Type": "application/json"})
+    assert_openai_error(r, 413, "body")
+
+
+ODD_BUT_VALID = [
+    (COMPLETIONS, {"prompt": "hi", "seed": 2**70, "temperature": 0.5}),
+    (COMPLETIONS, {"prompt": "hi", "seed": -5, "temperature": 0.5, "top_k": 3}),
+    (COMPLETIONS, {"prompt": ["hi"], "user": "someone", "stop": []}),
+    (COMPLETIONS, {"prompt": [1, 2, 3], "max_tokens": None, "stream": False}),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
+    (CHAT, {"messages": [{"role": "developer", "content": "Be brief."}, *HI], "n": 1}),
+    (CHAT, {"messages": [*HI, {"role": "assistant", "content": "Hello"}, *HI], "max_completion_tokens": 2}),
+    (CHAT, {"messages": HI, "logprobs": True, "top_logprobs": 2, "temperature": 0}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), ODD_BUT_VALID)
+def test_odd_but_valid_requests_are_served(tiny_proxy, path, body):
+    body = {"max_tokens": 3, **body}
+    r = _post(tiny_proxy.url + path, body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_errors_through_the_openai_client(tiny_proxy):
@@ -593,8 +631,8 @@ def test_draft_killed_mid_stream_falls_back_to_the_exact_target(proxies, tiny, t
     draft = llama_server(tiny_pair[0], "--parallel", "2").start()
     try:
         server = proxies(draft.url, tiny.target.url, max_draft_tokens=2)
-        ref = tiny.ref.complete(LONG_PROMPT, 200)
-        body = {"prompt": LONG_PROMPT, "max_tokens": 200, "temperature": 0, "stream": True,
+        ref = tiny.ref.complete(LONG_PROMPT, 128)
+        body = {"prompt": LONG_PROMPT, "max_tokens": 128, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}, "return_tokens": True}
         events = []
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=TIMEOUT) as r:
@@ -765,12 +803,12 @@ def test_client_disconnect_while_waiting_for_a_whole_response(proxies, tiny):
 
 def test_sixteen_concurrent_streams_each_equal_their_target_alone(proxies, tiny):
     server = proxies(tiny.draft.url, tiny.target.url, max_draft_tokens=4)
-    refs = {p: tiny.ref.complete(p, 32) for p in PROMPTS}
+    refs = {p: tiny.ref.complete(p, 24) for p in PROMPTS}
     assert len({tuple(r.tokens) for r in refs.values()}) == len(PROMPTS), "prompts must differ in output"
     api = client(server)
 
     def run(prompt: str) -> tuple[list[int], str]:
-        chunks = list(api.completions.create(model="tightwad", prompt=prompt, max_tokens=32, temperature=0,
+        chunks = list(api.completions.create(model="tightwad", prompt=prompt, max_tokens=24, temperature=0,
                                              stream=True, extra_body={"return_tokens": True}))
         return streamed_tokens(chunks), "".join(c.choices[0].text for c in chunks if c.choices)
 
