@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tightwad.backends.base import DraftBackend, TargetBackend, TargetInfo
 from tightwad.config import ProxyConfig
@@ -17,6 +17,7 @@ from tightwad.errors import BackendError, BackendTimeout, BackendUnavailable
 from tightwad.generation import Generation, GenerationRequest, RoundRecord, fallback_reason
 from tightwad.metrics import ProxyMetrics
 from tightwad.proxy_stats import ProxyStats
+from tightwad.speculation.adaptive import AdaptiveK
 
 log = logging.getLogger("tightwad.proxy")
 
@@ -37,6 +38,10 @@ class DrafterState:
     check_error: BackendError | None = None
     checks: int = 0  # tokenizer checks finished, so concurrent requests share one re-check
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    # With max_draft_tokens "auto": this drafter's draft length, learnt from its rounds.
+    # It is shared by the drafter's requests on purpose (costs and acceptance are
+    # properties of the machines and the pair) and only updated between awaits.
+    adaptive: AdaptiveK | None = None
 
     @property
     def usable(self) -> bool:
@@ -195,8 +200,14 @@ class ProxyRuntime:
                 failed = d
         return None, failed
 
-    def choose_k(self) -> int:
-        return self.config.max_draft_tokens or DEFAULT_K
+    def choose_k(self, drafter: DrafterState | None) -> Callable[[], int] | int:
+        if self.config.max_draft_tokens is not None:
+            return self.config.max_draft_tokens
+        if drafter is None:
+            return DEFAULT_K
+        if drafter.adaptive is None:
+            drafter.adaptive = AdaptiveK(initial_k=DEFAULT_K)
+        return drafter.adaptive.choose
 
     async def new_generation(self, request: GenerationRequest) -> Generation:
         """A generation with the drafter to use. When every drafter is failing, the request
@@ -212,9 +223,15 @@ class ProxyRuntime:
                       f"is off): {exc.message if exc else 'unchecked'}") from exc
         name = (drafter or failed).backend.name if (drafter or failed) else "none"
 
+        k = self.choose_k(drafter)
+        adaptive = drafter.adaptive if drafter is not None else None
+
         def on_round(record: RoundRecord) -> None:
             self.stats.observe_round(record)
             self.metrics.observe_round(record)
+            if adaptive is not None and record.result.n_drafted:
+                adaptive.observe(accepted_mask=record.result.accepted_mask,
+                                 draft_s=record.draft_s, verify_s=record.verify_s)
 
         generation = Generation(
             request,
@@ -222,7 +239,7 @@ class ProxyRuntime:
             target=self.target,
             eog_tokens=info.eog_token_ids,
             piece=self.pieces,
-            choose_k=self.choose_k(),
+            choose_k=k,
             draft_timeout_s=self.config.draft_timeout_s,
             fallback_on_draft_failure=self.config.fallback_on_draft_failure,
             on_round=on_round,
