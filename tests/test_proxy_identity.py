@@ -174,6 +174,7 @@ def stacks(servers, tmp_path_factory, models_for):
         stack.stop()
 
 
+@pytest.mark.timeout(2400)  # 22 prompts through a 1.5B model on two CPU cores
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("family", ["qwen", "tiny"])
@@ -186,6 +187,7 @@ def test_strict_mode_is_token_for_token_the_target_alone(stacks, family, chat, s
         assert got == want, f"{prompt!r}: proxy {got} != target alone {want}"
 
 
+@pytest.mark.timeout(2400)
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("family", ["qwen", "tiny"])
