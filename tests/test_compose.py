@@ -55,6 +55,7 @@ PORT_VARIABLES = ("PROXY_PORT", "DRAFT_PORT", "TARGET_PORT", "ORCHESTRATOR_PORT"
 # Variables of the stack that must not leak in from the caller's environment.
 STACK_VARIABLES = {
     "BACKEND", "BASE_IMAGE", "BIND_ADDRESS", "CPU_ISA", "CTX_SIZE", "DRAFT_MODEL", "DRAFT_MODEL_URL",
+    "DRAFT_TIMEOUT_S",
     "HF_ENDPOINT", "HF_TOKEN", "LLAMA_SOURCE", "MAX_DRAFT_TOKENS", "MODELS_DIR", "MODEL_SOURCE",
     "PARALLEL", "TARGET_MODEL", "TARGET_MODEL_URL", "TIGHTWAD_API_KEY", "TIGHTWAD_MODE",
     "TIGHTWAD_VERSION", *PORT_VARIABLES,
@@ -166,7 +167,8 @@ def stack(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
     draft, target = _model(QWEN_DRAFT), _model(QWEN_TARGET)
     assert draft.parent == target.parent
     s = Stack("tw-e2e", tmp_path_factory.mktemp("compose-e2e"), MODELS_DIR=str(draft.parent),
-              DRAFT_MODEL=draft.name, TARGET_MODEL=target.name, TIGHTWAD_MODE="strict")
+              DRAFT_MODEL=draft.name, TARGET_MODEL=target.name, TIGHTWAD_MODE="strict",
+              DRAFT_TIMEOUT_S="120")
     started = time.monotonic()
     try:
         s.compose("up", "--wait", "--wait-timeout", "600", timeout=900)
@@ -221,7 +223,11 @@ def test_prometheus_scraped_accepted_tokens_from_the_proxy(stack: Stack) -> None
             if value > 0:
                 break
         time.sleep(2)
-    assert value > 0, "Prometheus has no accepted tokens from the proxy (the stream test drafts some)"
+    if value <= 0:
+        metrics = httpx.get(f"{stack.url('PROXY_PORT')}/metrics").text
+        spec = "\n".join(line for line in metrics.splitlines() if line.startswith("tightwad_spec_decode"))
+        logs = stack.compose("logs", "--tail", "30", "proxy", check=False).stdout
+        raise AssertionError(f"Prometheus has no accepted tokens from the proxy; the proxy says:\n{spec}\n{logs}")
     targets = httpx.get(f"{stack.url('PROMETHEUS_PORT')}/api/v1/targets").json()["data"]["activeTargets"]
     health = {t["labels"]["job"]: t["health"] for t in targets}
     assert health.get("proxy") == "up", health

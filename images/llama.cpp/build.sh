@@ -5,9 +5,12 @@
 # second run with the same inputs finishes in well under a second.
 #
 #   build.sh [--backend cpu|cuda|rocm] [--src DIR] [--cache DIR] [--print-dir]
-#            [--extra-flags "..."] [--fetch-only]
+#            [--extra-flags "..."] [--cpu-isa host|sse42|avx|avx2|avx512] [--fetch-only]
 #
 # --src DIR    use a local llama.cpp tree instead of the PyPI sdist
+# --cpu-isa L  x86 instruction set of ggml's CPU code: host (default: this CPU's
+#              SSE/AVX/AVX-512 for cpu builds) or a portable baseline for every
+#              backend (container images); never AMX
 # --fetch-only download and check the pinned sdist, print its path, and exit
 # --print-dir  print the bin directory of the (possibly cached) build and exit 0
 #              when it is complete, 1 when it is not built yet
@@ -26,6 +29,7 @@ cache="${TIGHTWAD_CACHE:-$HOME/.cache/tightwad}"
 print_dir=0
 fetch_only=0
 extra_flags="${LLAMA_CPP_EXTRA_FLAGS:-}"
+cpu_isa="${LLAMA_CPP_CPU_ISA:-host}"
 jobs="${JOBS:-$(nproc)}"
 
 while [ $# -gt 0 ]; do
@@ -34,9 +38,10 @@ while [ $# -gt 0 ]; do
     --src) src="$2"; shift 2 ;;
     --cache) cache="$2"; shift 2 ;;
     --extra-flags) extra_flags="$2"; shift 2 ;;
+    --cpu-isa) cpu_isa="$2"; shift 2 ;;
     --print-dir) print_dir=1; shift ;;
     --fetch-only) fetch_only=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "build.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -48,11 +53,23 @@ case "$backend" in
   *) echo "build.sh: --backend must be cpu, cuda or rocm, not '$backend'" >&2; exit 2 ;;
 esac
 
-# The host's x86 vector extensions, as ggml options (see pin.env on AMX).
+case "$cpu_isa" in
+  host|sse42|avx|avx2|avx512) ;;
+  *) echo "build.sh: --cpu-isa must be host, sse42, avx, avx2 or avx512, not '$cpu_isa'" >&2; exit 2 ;;
+esac
+
+# x86 vector extensions as ggml options (see pin.env on AMX): the host's, or
+# the baseline named by --cpu-isa (avx2 = x86-64-v3, avx512 = x86-64-v4).
 host_isa_flags() {
   [ "$(uname -m)" = x86_64 ] || return 0
   local have out="" f opt
-  have=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+  case "$cpu_isa" in
+    host) have=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) " ;;
+    sse42) have=" sse4_2 " ;;
+    avx) have=" sse4_2 avx " ;;
+    avx2) have=" sse4_2 avx avx2 fma f16c bmi2 " ;;
+    avx512) have=" sse4_2 avx avx2 fma f16c bmi2 avx512f " ;;
+  esac
   for f in sse4_2:SSE42 avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI \
            avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
     opt="OFF"
@@ -63,7 +80,11 @@ host_isa_flags() {
 }
 
 flags="$LLAMA_CPP_CMAKE_FLAGS $backend_flags"
-if [ "$backend" = cpu ]; then
+if [ "$cpu_isa" != host ]; then
+  # A portable baseline, whatever the backend (GPU builds are native otherwise).
+  case "$backend_flags" in *GGML_NATIVE=OFF*) ;; *) flags="$flags -DGGML_NATIVE=OFF" ;; esac
+  flags="$flags $(host_isa_flags)"
+elif [ "$backend" = cpu ]; then
   case "$extra_flags" in
     *GGML_NATIVE=ON*) ;;
     *) flags="$flags $(host_isa_flags)" ;;
@@ -92,7 +113,7 @@ fetch_sdist() {
     step "downloading llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist from PyPI (77 MB)"
     mkdir -p "$cache/src"
     rm -f "$sdist"
-    python3 -m pip download --no-deps --no-binary :all: --progress-bar on \
+    python3 -m pip download --no-deps --no-binary llama-cpp-python --progress-bar on \
       "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$cache/src" >&2
   fi
   if ! echo "$LLAMA_CPP_PYTHON_SHA256  $sdist" | sha256sum -c --status; then

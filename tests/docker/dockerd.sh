@@ -17,6 +17,13 @@
 set -euo pipefail
 
 DOCK=${TIGHTWAD_DOCKER_DIR:-$HOME/.cache/tightwad/docker}
+# The daemon's default bridge has its own name: dockerd deletes "docker0" when
+# any daemon on the machine starts with --bridge=OTHER (a second test daemon
+# does), which would break this one's builds and containers.
+SOCKET=${TIGHTWAD_DOCKER_SOCKET:-/var/run/docker.sock}
+export DOCKER_HOST=unix://$SOCKET
+BRIDGE=${TIGHTWAD_DOCKER_BRIDGE:-br-tightwad}
+BRIDGE_ADDRESS=${TIGHTWAD_DOCKER_BRIDGE_ADDRESS:-10.229.0.1/24}
 BASE_IMAGE=${TIGHTWAD_BASE_IMAGE:-tightwad-local/debian:bookworm-slim}
 COMPOSE_VER=2.40.3
 PLUGIN=/usr/local/lib/docker/cli-plugins/docker-compose
@@ -47,14 +54,35 @@ packages() {
 
 engine() {
   if docker version >/dev/null 2>&1; then
-    say "a Docker engine already answers on ${DOCKER_HOST:-unix:///var/run/docker.sock}"
+    say "a Docker engine already answers on $DOCKER_HOST"
     return 0
   fi
   mkdir -p "$DOCK"
-  say "starting dockerd (data-root $DOCK/data)"
-  dockerd --data-root "$DOCK/data" --exec-root "$DOCK/exec" --pidfile "$DOCK/dockerd.pid" \
-          -H unix:///var/run/docker.sock >"$DOCK/dockerd.log" 2>&1 &
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+    ip link add "$BRIDGE" type bridge
+    ip addr add "$BRIDGE_ADDRESS" dev "$BRIDGE"
+  fi
+  ip link set "$BRIDGE" up
+  say "starting dockerd (data-root $DOCK/data, bridge $BRIDGE)"
+  # setsid: the daemon outlives this script and the test process that ran it.
+  setsid dockerd --data-root "$DOCK/data" --exec-root "$DOCK/exec" --pidfile "$DOCK/dockerd.pid" \
+          -H "unix://$SOCKET" --bridge="$BRIDGE" >"$DOCK/dockerd.log" 2>&1 </dev/null &
   wait_for docker version || { tail -n 30 "$DOCK/dockerd.log" >&2; exit 1; }
+}
+
+# A daemon started elsewhere may use docker0, which another daemon's start
+# deletes (see BRIDGE); builds and containers then fail with "could not find
+# bridge docker0". Put the running daemon's default bridge back.
+default_bridge() {
+  local name subnet gateway
+  name=$(docker network inspect bridge --format '{{index .Options "com.docker.network.bridge.name"}}')
+  ip link show "$name" >/dev/null 2>&1 && return 0
+  subnet=$(docker network inspect bridge --format '{{(index .IPAM.Config 0).Subnet}}')
+  gateway=$(python3 -c 'import ipaddress, sys; n = ipaddress.ip_network(sys.argv[1]); print(f"{next(n.hosts())}/{n.prefixlen}")' "$subnet")
+  say "the default bridge $name is gone (deleted by another daemon's start): recreating it as $gateway"
+  ip link add "$name" type bridge
+  ip addr add "$gateway" dev "$name"
+  ip link set "$name" up
 }
 
 compose_plugin() {
@@ -111,6 +139,7 @@ CONF
 up() {
   packages
   engine
+  default_bridge
   compose_plugin
   base_image
   say "ready: $(docker version --format 'engine {{.Server.Version}}'), $(docker compose version --short 2>/dev/null || true), base $BASE_IMAGE"
@@ -124,6 +153,10 @@ down() {
     say "stopping dockerd (pid $pid)"
     kill "$pid"
     for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  fi
+  rm -f "$f"
+  if ip link show "$BRIDGE" >/dev/null 2>&1; then
+    ip link del "$BRIDGE"
   fi
 }
 
