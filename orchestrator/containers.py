@@ -3,6 +3,7 @@
     worker_spec(...)        one llama.cpp RPC server per worker GPU
     coordinator_spec(...)   llama-server, or Tightwad's verifier when it is a speculation target
     probe_spec(...)         a one-shot nvidia-smi / rocm-smi for free VRAM
+    placement_label(state)  a coordinator's placement summary, read back from its label
 
 The image contract (images/llama.cpp): its entrypoint takes the role as the
 first argument, ``rpc-server ARGS`` (with SIGPIPE ignored), ``llama-server
@@ -29,10 +30,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from typing import Any
 
 from tightwad.config import Config, GpuConfig, ModelConfig, WorkerConfig
 from tightwad.config_schema import BACKEND_VENDOR, VENDOR_BACKEND
-from tightwad.orchestrator.hosts import ContainerSpec, gpu_flags
+from tightwad.orchestrator.hosts import ContainerSpec, ContainerState, gpu_flags
 from tightwad.orchestrator.placement import Placement
 
 LABEL_MANAGED = "io.tightwad.managed"
@@ -217,6 +219,14 @@ def coordinator_spec(config: Config, cluster: str, model: ModelConfig, placement
         restart_retries=3,
         network=network_name(cluster),
     )
+
+
+def placement_label(c: ContainerState) -> dict[str, Any]:
+    """The summary coordinator_spec put in LABEL_PLACEMENT ({} if absent or unreadable)."""
+    try:
+        return json.loads(c.labels.get(LABEL_PLACEMENT, "{}"))
+    except ValueError:
+        return {}
 
 
 def probe_spec(config: Config, cluster: str, host: str, vendor: str,

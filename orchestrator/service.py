@@ -38,7 +38,8 @@ from starlette.routing import Route
 
 from tightwad.errors import TightwadError
 from tightwad.http import EXCEPTION_HANDLERS
-from tightwad.orchestrator.cluster import Orchestrator, Progress
+from tightwad.orchestrator.base import Progress
+from tightwad.orchestrator.cluster import Orchestrator
 from tightwad.orchestrator.errors import Busy
 from tightwad.orchestrator.front import CoordinatorFront
 from tightwad.orchestrator.placement import placement_dict

@@ -15,7 +15,9 @@ from gguf import GGUFReader
 from tightwad import cli
 from tightwad.config import parse_config
 from tightwad.orchestrator import containers as ct
-from tightwad.orchestrator.cluster import Orchestrator, WorkerStatus, _placement_label
+from tightwad.orchestrator.cluster import Orchestrator
+from tightwad.orchestrator.cluster_status import WorkerStatus
+from tightwad.orchestrator.containers import placement_label as _placement_label
 from tightwad.orchestrator.errors import DoesNotFit, GgufError, InvalidTransition, UnknownModel
 from tightwad.orchestrator.gguf import NeedMoreBytes, parse_header, read_header
 from tightwad.orchestrator.hosts import ContainerState
