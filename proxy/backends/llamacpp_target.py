@@ -34,6 +34,7 @@ from tightwad.backends._http import (
     garbage,
     stable_slot,
 )
+from tightwad.backends._llama_text import LlamaServerText
 from tightwad.backends.base import (
     EOG_TEXTS,
     GeneratedToken,
@@ -46,7 +47,7 @@ from tightwad.errors import BackendProtocolError
 from tightwad.speculation.types import DraftToken, TargetPosition
 
 
-class LlamaCppTarget:
+class LlamaCppTarget(LlamaServerText):
     kind = "llamacpp"
 
     def __init__(
@@ -101,21 +102,6 @@ class LlamaCppTarget:
             return None
         token, piece = tokens[0].get("id"), tokens[0].get("piece")
         return token if isinstance(token, int) and piece == text else None
-
-    async def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        where = self.url + "/tokenize"
-        body = {"content": text, "add_special": add_special, "parse_special": True}
-        return expect_token_ids(expect_dict(await self.http.post("/tokenize", body), where).get("tokens"), where)
-
-    async def detokenize(self, tokens: Sequence[int]) -> str:
-        where = self.url + "/detokenize"
-        reply = expect_dict(await self.http.post("/detokenize", {"tokens": list(tokens)}), where)
-        return expect_field(reply, "content", str, where)
-
-    async def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        where = self.url + "/apply-template"
-        reply = expect_dict(await self.http.post("/apply-template", {"messages": messages}), where)
-        return expect_field(reply, "prompt", str, where)
 
     async def verify(
         self, context: Sequence[int], draft: Sequence[DraftToken], *, n_prompt: int,

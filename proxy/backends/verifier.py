@@ -28,11 +28,12 @@ from tightwad.backends._http import (
     expect_token_ids,
     garbage,
 )
+from tightwad.backends._llama_text import LlamaServerText
 from tightwad.backends.base import GeneratedToken, Sampling, TargetInfo
 from tightwad.speculation.types import DraftToken, TargetPosition
 
 
-class VerifierTarget:
+class VerifierTarget(LlamaServerText):
     kind = "verifier"
 
     def __init__(self, url: str, *, timeout_s: float = 120.0, api_key: str | None = None):
@@ -90,21 +91,6 @@ class VerifierTarget:
         if expected and digest.hexdigest() != expected:
             raise garbage(where, "vocabulary does not match its sha256", expected)
         return pieces
-
-    async def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        where = self.url + "/tokenize"
-        body = {"content": text, "add_special": add_special, "parse_special": True}
-        return expect_token_ids(expect_dict(await self.http.post("/tokenize", body), where).get("tokens"), where)
-
-    async def detokenize(self, tokens: Sequence[int]) -> str:
-        where = self.url + "/detokenize"
-        reply = expect_dict(await self.http.post("/detokenize", {"tokens": list(tokens)}), where)
-        return expect_field(reply, "content", str, where)
-
-    async def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        where = self.url + "/apply-template"
-        reply = expect_dict(await self.http.post("/apply-template", {"messages": messages}), where)
-        return expect_field(reply, "prompt", str, where)
 
     async def verify(
         self, context: Sequence[int], draft: Sequence[DraftToken], *, n_prompt: int,
