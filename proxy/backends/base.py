@@ -76,6 +76,11 @@ class DraftRequest:
     # to turn their text back into target ids. Both are the target's, never the draft's.
     context_text: Callable[[], Awaitable[str]] | None = None
     retokenize: Callable[[str], Awaitable[list[int]]] | None = None
+    # Early cut: stop drafting before the first token whose top probability (the
+    # draft's own confidence at that position) is below this; 0 never cuts. Drafters
+    # that cannot see their probabilities ignore it. Cutting depends on the draft's
+    # own values only, so the output stays the target's.
+    min_confidence: float = 0.0
 
 
 class DraftBackend(Protocol):
@@ -121,6 +126,20 @@ class TargetBackend(Protocol):
         top_logprobs: int = 0,
     ) -> list[TargetPosition]:
         """``len(draft) + 1`` positions: the target's view of each drafted slot and the next."""
+        ...
+
+    async def verify_many(
+        self,
+        context: Sequence[int],
+        drafts: Sequence[Sequence[DraftToken]],
+        *,
+        n_prompt: int,
+        session: str,
+        top_logprobs: int = 0,
+    ) -> list[list[TargetPosition]]:
+        """Greedy only: each candidate draft scored after ``context``, ``len(d) + 1``
+        positions each, in one call where the server can share the prefix. Targets
+        without it are served by ``verify_candidates``, one ``verify`` per draft."""
         ...
 
     async def generate(
@@ -183,3 +202,26 @@ EOG_TEXTS = (
     "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>",
     "<|file_sep|>",
 )
+
+
+async def verify_candidates(
+    target: TargetBackend,
+    context: Sequence[int],
+    drafts: Sequence[Sequence[DraftToken]],
+    *,
+    n_prompt: int,
+    sampling: Sampling,
+    session: str,
+    top_logprobs: int = 0,
+) -> list[list[TargetPosition]]:
+    """Score several greedy candidate drafts: in one ``verify_many`` call where the target
+    has it, else one ``verify`` per candidate, in turn (they share the session's cache)."""
+    assert sampling.greedy or len(drafts) == 1, "several candidates are scored for greedy requests only"
+    if len(drafts) > 1 and hasattr(target, "verify_many"):
+        return await target.verify_many(context, drafts, n_prompt=n_prompt, session=session,
+                                        top_logprobs=top_logprobs)
+    return [
+        await target.verify(context, d, n_prompt=n_prompt, sampling=sampling, session=session,
+                            top_logprobs=top_logprobs)
+        for d in drafts
+    ]
