@@ -8,6 +8,7 @@
     tightwad proxy serve | start | stop | status
     tightwad local up | down | ps
     tightwad benchmark --proxy [--max-tokens N] [--llama-spec DRAFT.gguf TARGET.gguf]
+    tightwad benchmark --suite [--profiles lan,wifi,wan] [--ks 4,8,16,32] [--out DIR]  (make bench)
     tightwad benchmark [--max-tokens N]                 (the cluster's coordinator alone)
     tightwad status | start [-m MODEL] | stop | swap MODEL | plan [MODEL]   (the cluster:
                       tightwad.orchestrator.cli)
@@ -21,7 +22,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tightwad.errors import TightwadError
+from tightwad.errors import ConfigError, TightwadError
 
 
 def _positive(value: str) -> int:
@@ -29,6 +30,26 @@ def _positive(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        items = tuple(_positive(v) for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas: {value!r}") from exc
+    if not items:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return items
+
+
+def _name_list(value: str) -> tuple[str, ...]:
+    from tightwad.suite.network import PROFILES
+
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [n for n in names if n not in PROFILES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown profile {unknown or value!r}; known: {', '.join(PROFILES)}")
+    return names
 
 
 def _rpc_list(value: str) -> tuple[str, ...]:
@@ -90,11 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--proxy", action="store_true",
                    help="prompts through the target alone and through the proxy, side by side "
                         "(without it: the cluster coordinator's prompt and generation tok/s)")
-    b.add_argument("--max-tokens", type=_positive, default=64)
+    b.add_argument("--max-tokens", type=_positive, default=None,
+                   help="tokens per prompt (default 64; 32 with --suite)")
     b.add_argument("--llama-spec", nargs=2, metavar=("DRAFT", "TARGET"),
                    help="also run llama-server's own speculative decoding on these models")
     b.add_argument("--spec-draft-n-max", type=_positive, default=16)
     b.add_argument("--spec-port", type=int, default=8095)
+    b.add_argument("--suite", action="store_true",
+                   help="the whole suite (make bench): references, every proxy set-up on emulated "
+                        "networks, the proxy's own cost; writes JSON and a PNG plot")
+    b.add_argument("--draft-model", help="suite: draft GGUF (default: the fetched Qwen2.5-Coder 0.5B)")
+    b.add_argument("--target-model", help="suite: target GGUF (default: the fetched Qwen2.5-Coder 1.5B)")
+    b.add_argument("--profiles", type=_name_list, default=None,
+                   help="suite: network profiles, comma-separated (default lan,wifi,wan; also loopback)")
+    b.add_argument("--ks", type=_int_list, default=None, help="suite: fixed draft lengths (default 4,8,16,32)")
+    b.add_argument("--spec-n-max", type=_int_list, default=None,
+                   help="suite: llama.cpp --spec-draft-n-max sweep (default 4,8,16)")
+    b.add_argument("--prompts-per-kind", type=int, default=0, help="suite: prompts per kind (default all)")
+    b.add_argument("--cost-requests", type=_positive, default=10_000,
+                   help="suite: requests for the proxy memory check (default 10000)")
+    b.add_argument("--no-cost", action="store_true", help="suite: skip the proxy's own cost")
+    b.add_argument("--out", default="bench-results", help="suite: output folder (default bench-results)")
 
     ll = sub.add_parser("llama", help="the pinned llama.cpp build")
     lsub = ll.add_subparsers(dest="llama_command", required=True)
@@ -229,6 +266,9 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     from tightwad import benchmark
     from tightwad.proxy_cli import RUN_DIR
 
+    if args.suite:
+        return _run_suite(args)
+    args.max_tokens = args.max_tokens or 64
     if not args.proxy:  # the cluster's coordinator alone (tightwad.orchestrator)
         from tightwad.orchestrator import cli as cluster_cli
 
@@ -236,6 +276,33 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     spec = (Path(args.llama_spec[0]), Path(args.llama_spec[1])) if args.llama_spec else None
     return benchmark.run(_load_config(args), max_tokens=args.max_tokens, llama_spec=spec,
                          spec_n_max=args.spec_draft_n_max, run_dir=RUN_DIR, port=args.spec_port)
+
+
+def _run_suite(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tightwad import localstack, models
+    from tightwad.suite import runner
+
+    def model(given: str | None, default: str, flag: str) -> Path:
+        path = Path(given) if given else models.model_path(default)
+        if not path.is_file():
+            raise ConfigError(flag, f"no such model file: {path} (run `make models`)")
+        return path
+
+    opts = runner.Options(
+        draft_model=model(args.draft_model, localstack.DRAFT_MODEL, "--draft-model"),
+        target_model=model(args.target_model, localstack.TARGET_MODEL, "--target-model"),
+        out_dir=Path(args.out), max_tokens=args.max_tokens or 32,
+        prompts_per_kind=args.prompts_per_kind, cost=not args.no_cost, cost_requests=args.cost_requests,
+    )
+    if args.profiles:
+        opts.profiles = args.profiles
+    if args.ks:
+        opts.ks = args.ks
+    if args.spec_n_max:
+        opts.spec_n_max = args.spec_n_max
+    return runner.main_from_cli(opts)
 
 
 def _run_llama(args: argparse.Namespace) -> int:

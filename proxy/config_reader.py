@@ -124,10 +124,12 @@ class Reader:
         value = self.raw(name, default)
         if value is default:
             return value
+        # gt just below 0 admits 0 ("a number >= 0" in the message).
+        expected = f"a number > {gt}" if gt >= 0 else "a number >= 0"
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            self._fail(name, f"a number > {gt}", value)
+            self._fail(name, expected, value)
         if value <= gt:
-            self._fail(name, f"a number > {gt}", value)
+            self._fail(name, expected, value)
         if max is not None and value > max:
             self._fail(name, f"a number <= {max}", value)
         return float(value)

@@ -136,6 +136,12 @@ class ProxyConfig:
     drafters: tuple[BackendConfig, ...]  # at least one; `draft:` is a one-element list
     target: BackendConfig
     api_key: str | None = dataclasses.field(default=None, repr=False)
+    # While the target verifies a round, draft the next one as if it were accepted.
+    pipeline_drafts: bool = True
+    # With several drafters: greedy requests ask them all and keep the best proposal.
+    parallel_drafters: bool = True
+    # Stop a draft before the first token the draft itself is less sure of than this.
+    draft_min_confidence: float = 0.0
 
     @property
     def draft(self) -> BackendConfig:

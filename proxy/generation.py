@@ -17,10 +17,11 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from tightwad.backends.base import DraftBackend, DraftRequest, Sampling, TargetBackend
-from tightwad.errors import BackendError
+from tightwad.backends.base import DraftBackend, Sampling, TargetBackend, verify_candidates
+from tightwad.drafting import DraftPool, fallback_reason
 from tightwad.speculation import (
     DraftToken,
+    RoundOutcome,
     RoundResult,
     SpecDecodingStats,
     TargetPosition,
@@ -63,9 +64,18 @@ class RoundRecord:
     drafter: str | None
     result: RoundResult
     n_emitted: int
-    draft_s: float | None
+    draft_s: float | None  # the draft call's own duration (it may overlap verification)
     verify_s: float
     round_s: float
+    draft_wait_s: float = 0.0  # what the round waited for its draft (less when pipelined)
+    cpu_s: float = 0.0  # CPU time of the proxy's event-loop thread during the round
+    prefetched: bool = False
+    candidates: int = 0  # proposals scored (several drafters), 0 without a draft
+
+    @property
+    def overhead_s(self) -> float:
+        """Wall time of the round spent neither waiting for the draft nor verifying."""
+        return max(0.0, self.round_s - self.draft_wait_s - self.verify_s)
 
 
 @dataclasses.dataclass(slots=True)
@@ -91,62 +101,49 @@ class Generation:
         self,
         request: GenerationRequest,
         *,
-        drafter: DraftBackend | None,
+        drafters: Sequence[DraftBackend],
         target: TargetBackend,
         eog_tokens: frozenset[int],
         piece: Callable[[int], bytes],
         choose_k: Callable[[], int] | int,
         draft_timeout_s: float,
         fallback_on_draft_failure: bool,
+        pipeline: bool = False,
+        parallel_drafters: bool = True,
+        min_confidence: float = 0.0,
         on_round: Callable[[RoundRecord], None] | None = None,
         on_fallback: Callable[[str], None] | None = None,
+        on_drafter_error: Callable[[str, str], None] | None = None,
         ensure_pieces: Callable[[Sequence[int]], Awaitable[None]] | None = None,
     ):
         self.request = request
-        self.drafter = drafter
         self.target = target
         self.eog = eog_tokens
         self.text = TextStream(piece, request.stops)
         self.choose_k = choose_k
-        self.draft_timeout_s = draft_timeout_s
-        self.fallback = fallback_on_draft_failure
+        # Several proposals are scored for greedy requests only; a sampled request
+        # drafts with the first drafter (and the others only if it fails).
+        self.several = parallel_drafters and request.sampling.greedy and len(drafters) > 1
+        self.pipeline = pipeline and not self.several
         self.on_round = on_round
         self.on_fallback = on_fallback
         # Fetches the bytes of tokens that ``piece`` does not know yet (a target without a
         # vocabulary table); awaited before any token's text is worked out.
         self.ensure_pieces = ensure_pieces
         self.stats = GenerationStats()
-        self._drafter_alive = drafter is not None
+        self.pool = DraftPool(
+            drafters, sampling=request.sampling, session=request.session, target=target,
+            timeout_s=draft_timeout_s, fallback=fallback_on_draft_failure,
+            min_confidence=min_confidence, on_drafter_error=on_drafter_error,
+        )
+        self._had_drafters = bool(drafters)
         self._last_positions: Sequence[TargetPosition] = ()
         self._last_draft: Sequence[DraftToken] = ()
+        self._scored: list[Sequence[TargetPosition]] = []
+        self._proposals: list[Sequence[DraftToken]] = []
         self._pending: list[TokenLogprob] = []  # emitted tokens whose text is not released yet
-        self._round_draft_s: float | None = None
         self._round_started = time.perf_counter()
         self._n_released_total = 0
-
-    async def _draft(self, context: tuple[int, ...], k: int) -> list[DraftToken]:
-        self._round_draft_s = None
-        if not self._drafter_alive or self.drafter is None:
-            return []
-        started = time.perf_counter()
-        req = DraftRequest(
-            context=context, k=k, sampling=self.request.sampling, session=self.request.session,
-            context_text=lambda: self.target.detokenize(context),
-            retokenize=lambda text: self.target.tokenize(text, add_special=False),
-        )
-        try:
-            drafted = await asyncio.wait_for(self.drafter.draft(req), self.draft_timeout_s)
-        except (TimeoutError, BackendError) as exc:
-            if not self.fallback:
-                raise
-            reason = "timeout" if isinstance(exc, TimeoutError) else fallback_reason(exc)
-            log.warning("draft %s failed (%s): continuing with the target alone", self.drafter.name, exc)
-            self.note_fallback(reason)
-            self._drafter_alive = False
-            return []
-        self._round_draft_s = time.perf_counter() - started
-        self.stats.draft_seconds.append(self._round_draft_s)
-        return list(drafted)
 
     def note_fallback(self, reason: str) -> None:
         """Record that this request went on with the target alone, and why."""
@@ -157,30 +154,51 @@ class Generation:
     async def _verify(
         self, context: tuple[int, ...], draft: Sequence[DraftToken]
     ) -> Sequence[TargetPosition]:
+        return (await self._verify_many(context, [draft]))[0]
+
+    async def _verify_many(
+        self, context: tuple[int, ...], proposals: Sequence[Sequence[DraftToken]]
+    ) -> list[Sequence[TargetPosition]]:
+        # Drafters often agree: identical proposals are scored once.
+        unique: dict[tuple[int, ...], int] = {}
+        for p in proposals:
+            unique.setdefault(tuple(d.token for d in p), len(unique))
+        distinct = [proposals[[tuple(d.token for d in p) for p in proposals].index(key)] for key in unique]
         started = time.perf_counter()
-        positions = await self.target.verify(
-            context, draft, n_prompt=len(self.request.prompt), sampling=self.request.sampling,
-            session=self.request.session, top_logprobs=self.request.top_logprobs or 0,
+        scored = await verify_candidates(
+            self.target, context, distinct, n_prompt=len(self.request.prompt),
+            sampling=self.request.sampling, session=self.request.session,
+            top_logprobs=self.request.top_logprobs or 0,
         )
         self.stats.verify_seconds.append(time.perf_counter() - started)
-        self._last_positions, self._last_draft = positions, draft
-        return positions
+        self._proposals = list(proposals)
+        self._scored = [scored[unique[tuple(d.token for d in p)]] for p in proposals]
+        return self._scored
 
     async def events(self) -> AsyncIterator[GenerationEvent]:
         req = self.request
         rng = None if req.sampling.greedy else random.Random(req.sampling.seed)
+        if self.several:
+            callables = {"draft_many": self.pool.draft_many, "verify_many": self._verify_many}
+        else:
+            callables = {"draft": self.pool.draft, "verify": self._verify}
         rounds = speculate(
-            draft=self._draft, verify=self._verify, context=req.prompt, max_tokens=req.max_tokens,
-            eog_tokens=self.eog, choose_k=self.choose_k, greedy=req.sampling.greedy, rng=rng,
+            **callables, context=req.prompt, max_tokens=req.max_tokens, eog_tokens=self.eog,
+            choose_k=self.choose_k, greedy=req.sampling.greedy, rng=rng, pipeline=self.pipeline,
         )
         finish: str | None = None
+        cpu_started = time.thread_time()
         try:
             async with contextlib.aclosing(rounds) as outcomes:
                 async for outcome in outcomes:
+                    if self._had_drafters and self.pool.exhausted and not self.stats.fallbacks:
+                        self.note_fallback(fallback_reason(self.pool.failed[-1][1]))
+                    self._last_draft = self._proposals[outcome.winner] if outcome.k else ()
+                    self._last_positions = self._scored[outcome.winner]
                     visible = [t for t in outcome.tokens if t not in self.eog]
                     self.stats.spec.observe(outcome.result, n_emitted=len(outcome.tokens))
                     self.stats.completion_tokens += len(visible)
-                    drafter = self.drafter.name if self.drafter is not None else None
+                    drafter, draft_s = self._drafter_of(outcome)
                     if drafter is not None and outcome.result.n_accepted:
                         wins = self.stats.drafter_wins
                         wins[drafter] = wins.get(drafter, 0) + outcome.result.n_accepted
@@ -199,6 +217,7 @@ class Generation:
                         update = _merge(update, self.text.finish())
                     event = self._event(update, finish)
                     now = time.perf_counter()
+                    cpu_now = time.thread_time()
                     self.stats.round_seconds.append(now - self._round_started)
                     if event.tokens:
                         self.stats.first_token_at = self.stats.first_token_at or now
@@ -206,10 +225,12 @@ class Generation:
                     if self.on_round is not None:
                         self.on_round(RoundRecord(
                             drafter=drafter, result=outcome.result, n_emitted=len(outcome.tokens),
-                            draft_s=self._round_draft_s, verify_s=self.stats.verify_seconds[-1],
-                            round_s=now - self._round_started,
+                            draft_s=draft_s, verify_s=self.stats.verify_seconds[-1],
+                            round_s=now - self._round_started, draft_wait_s=outcome.draft_wait_s,
+                            cpu_s=cpu_now - cpu_started, prefetched=outcome.prefetched,
+                            candidates=len(self._proposals) if outcome.k else 0,
                         ))
-                    self._round_started = now
+                    self._round_started, cpu_started = now, cpu_now
                     if event.text or event.tokens or event.finish_reason:
                         yield event
                     if finish is not None:
@@ -217,6 +238,19 @@ class Generation:
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.target.release(req.session))
+
+    def _drafter_of(self, outcome: RoundOutcome) -> tuple[str | None, float | None]:
+        """The drafter credited with this round's proposal, and how long its draft took."""
+        if not outcome.k:
+            return None, None
+        # A prefetched draft was made at the context before the round's last guessed token.
+        n_ctx = len(self.request.prompt) + self.stats.spec.num_emitted_tokens - len(outcome.tokens)
+        timing = self.pool.timings.pop(n_ctx - 1 if outcome.prefetched else n_ctx, None)
+        if timing is None or outcome.winner >= len(timing.names):
+            return None, None
+        for stale in [n for n in self.pool.timings if n < n_ctx]:
+            del self.pool.timings[stale]
+        return timing.names[outcome.winner], timing.seconds
 
     def _event(self, update: TextUpdate, finish: str | None) -> GenerationEvent:
         n_new = update.n_tokens - self._n_released_total
@@ -253,10 +287,3 @@ def _merge(a: TextUpdate, b: TextUpdate) -> TextUpdate:
     a.n_tokens = b.n_tokens
     a.stopped = a.stopped or b.stopped
     return a
-
-
-def fallback_reason(exc: BackendError) -> str:
-    """The ``reason`` label of a fallback caused by ``exc``."""
-    name = type(exc).__name__
-    return {"BackendTimeout": "timeout", "BackendUnavailable": "unavailable",
-            "BackendProtocolError": "bad_response"}.get(name, "error")

@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tightwad.generation import RoundRecord
 
+CPU_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05)
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 TOKENS_PER_ROUND_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
@@ -72,6 +73,11 @@ class ProxyMetrics:
         self.requests = Counter("tightwad_requests", "Requests by endpoint and HTTP status", ["model", "endpoint", "status"], registry=r)
         self.fallbacks = Counter("tightwad_fallbacks", "Requests that went on with the target alone, by reason", [*md, "reason"], registry=r)
         self.drafter_wins = Counter("tightwad_drafter_accepted_tokens", "Accepted tokens credited to each drafter", md, registry=r)
+        self.drafter_rounds_won = Counter("tightwad_drafter_rounds_won", "Rounds whose kept proposal was this drafter's (several drafters)", md, registry=r)
+        self.drafter_errors = Counter("tightwad_drafter_errors", "Drafts that failed mid-request; the request went on without that drafter", [*md, "reason"], registry=r)
+        self.pipeline_hits = Counter("tightwad_pipeline_hits", "Rounds whose draft was made during the previous round's verification", md, registry=r)
+        self.round_cpu = Histogram("tightwad_proxy_round_cpu_seconds", "CPU time of the proxy's event loop per round", ["model"], buckets=CPU_BUCKETS, registry=r)
+        self.round_overhead = Histogram("tightwad_proxy_round_overhead_seconds", "Round wall time spent neither drafting nor verifying", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.backend_up = Gauge("tightwad_backend_up", "1 when the backend answered its last health check", ["model", "role", "name", "backend"], registry=r)
         self.in_flight = Gauge("tightwad_requests_in_flight", "Requests being generated now", ["model"], registry=r)
         self.target_generate_only = Gauge(
@@ -91,11 +97,13 @@ class ProxyMetrics:
             self._drafters.append(name)
         labels = {"model": self.model, "drafter": name}
         for c in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
-                  self.num_emitted_tokens, self.rounds, self.drafter_wins):
+                  self.num_emitted_tokens, self.rounds, self.drafter_wins, self.drafter_rounds_won,
+                  self.pipeline_hits):
             c.labels(**labels)
         self.num_accepted_per_pos.labels(**labels, position="0")
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(**labels, reason=reason)
+            self.drafter_errors.labels(**labels, reason=reason)
 
     def bind_model(self, model: str) -> None:
         """Label everything with ``model`` from now on (the target's name, once known).
@@ -139,6 +147,16 @@ class ProxyMetrics:
             self.draft_latency.labels(**labels).observe(record.draft_s)
         self.verify_latency.labels(model=self.model, target=self.target).observe(record.verify_s)
         self.round_latency.labels(**labels).observe(record.round_s)
+        self.round_cpu.labels(model=self.model).observe(record.cpu_s)
+        self.round_overhead.labels(model=self.model).observe(record.overhead_s)
+        if record.prefetched:
+            self.pipeline_hits.labels(**labels).inc()
+        if record.candidates > 1 and record.drafter is not None:
+            self.drafter_rounds_won.labels(**labels).inc()
+
+    def observe_drafter_error(self, drafter: str, reason: str) -> None:
+        reason = reason if reason in FALLBACK_REASONS else "error"
+        self.drafter_errors.labels(model=self.model, drafter=drafter, reason=reason).inc()
 
     def observe_fallback(self, drafter: str, reason: str) -> None:
         reason = reason if reason in FALLBACK_REASONS else "error"

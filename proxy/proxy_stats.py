@@ -37,6 +37,15 @@ class ProxyStats:
     drafter_wins: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     draft_s: collections.deque[float] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=WINDOW))
     verify_s: collections.deque[float] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=WINDOW))
+    cpu_s: collections.deque[float] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=WINDOW))
+    overhead_s: collections.deque[float] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=WINDOW))
+    rounds_won: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    pipeline_hits: int = 0
+    # Sums over all rounds, for efficiency = (draft + verify) / wall.
+    draft_total_s: float = 0.0
+    draft_wait_total_s: float = 0.0
+    verify_total_s: float = 0.0
+    round_total_s: float = 0.0
     started: float = dataclasses.field(default_factory=time.time)
 
     def observe_round(self, record: RoundRecord) -> None:
@@ -44,8 +53,17 @@ class ProxyStats:
         if record.draft_s is not None:
             self.draft_s.append(record.draft_s)
         self.verify_s.append(record.verify_s)
+        self.cpu_s.append(record.cpu_s)
+        self.overhead_s.append(record.overhead_s)
+        self.draft_total_s += record.draft_s or 0.0
+        self.draft_wait_total_s += record.draft_wait_s
+        self.verify_total_s += record.verify_s
+        self.round_total_s += record.round_s
+        self.pipeline_hits += record.prefetched
         if record.drafter is not None and record.result.n_accepted:
             self.drafter_wins[record.drafter] += record.result.n_accepted
+        if record.drafter is not None and record.candidates > 1:
+            self.rounds_won[record.drafter] += 1
 
     def observe_request(self, stats: GenerationStats) -> None:
         self.requests += 1
@@ -75,4 +93,17 @@ class ProxyStats:
             "verify_latency_ms": _percentiles(self.verify_s),
             "fallbacks": dict(self.fallbacks),
             "drafter_wins": dict(self.drafter_wins),
+            "drafter_rounds_won": dict(self.rounds_won),
+            "pipeline_hits": self.pipeline_hits,
+            # The proxy's own cost: CPU of its event loop per round (exact for one stream,
+            # an upper bound under concurrency) and wall time outside draft and verify.
+            "proxy_cpu_ms_per_round": _percentiles(self.cpu_s),
+            "proxy_overhead_ms_per_round": _percentiles(self.overhead_s),
+            "draft_seconds_total": round(self.draft_total_s, 6),
+            # What rounds waited for drafts: less than the above when drafts are pipelined.
+            "draft_wait_seconds_total": round(self.draft_wait_total_s, 6),
+            "verify_seconds_total": round(self.verify_total_s, 6),
+            "round_seconds_total": round(self.round_total_s, 6),
+            "efficiency": (round((self.draft_wait_total_s + self.verify_total_s) / self.round_total_s, 4)
+                           if self.round_total_s else None),
         }

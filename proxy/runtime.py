@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 from tightwad.backends.base import DraftBackend, TargetBackend, TargetInfo
 from tightwad.config import ProxyConfig
+from tightwad.drafting import fallback_reason
 from tightwad.errors import BackendError, BackendTimeout, BackendUnavailable
-from tightwad.generation import Generation, GenerationRequest, RoundRecord, fallback_reason
+from tightwad.generation import Generation, GenerationRequest, RoundRecord
 from tightwad.metrics import ProxyMetrics
 from tightwad.proxy_stats import ProxyStats
 from tightwad.speculation.adaptive import AdaptiveK
@@ -27,6 +29,7 @@ PROBE_TEXTS = (
     "Ünïcödé, 日本語, emoji 🚀 and   spaces.",
 )
 DEFAULT_K = 8
+DRAFTER_REST_S = 30.0
 
 
 @dataclasses.dataclass
@@ -42,6 +45,9 @@ class DrafterState:
     # It is shared by the drafter's requests on purpose (costs and acceptance are
     # properties of the machines and the pair) and only updated between awaits.
     adaptive: AdaptiveK | None = None
+    # After a draft fails mid-request, new requests leave this drafter out until then
+    # (while another is usable), so a dead or hung box costs one failure, not one per request.
+    resting_until: float = 0.0
 
     @property
     def usable(self) -> bool:
@@ -81,6 +87,7 @@ class ProxyRuntime:
         for d in self.drafters:
             self.metrics.init_drafter(d.backend.name)
         self._ready_lock = asyncio.Lock()
+        self._adaptive_by_set: dict[tuple[str, ...], AdaptiveK] = {}
 
     @property
     def model_name(self) -> str:
@@ -178,53 +185,70 @@ class ProxyRuntime:
         self.target_healthy = await check("target", "target", self.target.kind, self.target.health)
         for d in self.drafters:
             d.healthy = await check("draft", d.backend.name, d.backend.kind, d.backend.health)
+            if d.healthy:
+                d.resting_until = 0.0
             if d.healthy and not d.usable and self.target_info is not None:
                 await self._recheck(d)  # it came up since its check failed
 
-    async def choose_drafter(self) -> tuple[DrafterState | None, DrafterState | None]:
-        """(the drafter for a new request, or None; the drafter that failed, if that is why).
+    async def choose_drafters(self) -> tuple[list[DrafterState], DrafterState | None]:
+        """(the usable drafters for a new request, in configured order; the drafter that
+        failed its check, if none is usable).
 
-        The first drafter whose tokenizer check passed is used. When none has, those
-        whose check failed (down or hung at start-up, say) are checked again, so a
-        drafter that comes up later is used from then on.
+        When none has passed its tokenizer check, those whose check failed (down or
+        hung at start-up, say) are checked again, so a drafter that comes up later is
+        used from then on.
         """
-        for d in self.drafters:
-            if d.usable:
-                return d, None
+        usable = [d for d in self.drafters if d.usable]
+        awake = [d for d in usable if d.resting_until <= time.monotonic()]
+        if awake or usable:
+            return awake or usable, None
         failed = None
         for d in self.drafters:
             await self._recheck(d)
             if d.usable:
-                return d, None
-            if d.check_error is not None and failed is None:
+                usable.append(d)
+            elif d.check_error is not None and failed is None:
                 failed = d
-        return None, failed
+        return usable, (None if usable else failed)
 
-    def choose_k(self, drafter: DrafterState | None) -> Callable[[], int] | int:
-        if self.config.max_draft_tokens is not None:
-            return self.config.max_draft_tokens
-        if drafter is None:
-            return DEFAULT_K
-        if drafter.adaptive is None:
-            drafter.adaptive = AdaptiveK(initial_k=DEFAULT_K)
-        return drafter.adaptive.choose
+    def _adaptive(self, asked: list[DrafterState]) -> AdaptiveK:
+        # Costs and acceptance are properties of the machines and the pair (or of the
+        # set of drafters asked together), so one learner per set serves its requests.
+        key = tuple(d.backend.name for d in asked)
+        learner = self._adaptive_by_set.get(key)
+        if learner is None:
+            learner = self._adaptive_by_set[key] = AdaptiveK(initial_k=DEFAULT_K)
+            if len(asked) == 1:
+                asked[0].adaptive = learner
+        return learner
 
     async def new_generation(self, request: GenerationRequest) -> Generation:
-        """A generation with the drafter to use. When every drafter is failing, the request
+        """A generation with the drafters to use. When every drafter is failing, the request
         goes on with the target alone (a fallback, counted) or, with
         ``fallback_on_draft_failure`` off, fails with the drafter's error."""
         info = self.target_info
         assert info is not None and self.pieces is not None
-        drafter, failed = await self.choose_drafter()
-        if failed is not None and not self.config.fallback_on_draft_failure:
+        cfg = self.config
+        usable, failed = await self.choose_drafters()
+        if failed is not None and not cfg.fallback_on_draft_failure:
             exc = failed.check_error
             cls = BackendTimeout if isinstance(exc, BackendTimeout) else BackendUnavailable
             raise cls(f"the draft '{failed.backend.name}' is not usable (fallback_on_draft_failure "
                       f"is off): {exc.message if exc else 'unchecked'}") from exc
-        name = (drafter or failed).backend.name if (drafter or failed) else "none"
+        several = cfg.parallel_drafters and request.sampling.greedy and len(usable) > 1
+        # Asked together (greedy), or the first with the others standing by for it.
+        asked = usable if several else usable[:1]
+        first = usable[0] if usable else failed
+        name = first.backend.name if first is not None else "none"
 
-        k = self.choose_k(drafter)
-        adaptive = drafter.adaptive if drafter is not None else None
+        adaptive = None
+        if cfg.max_draft_tokens is not None:
+            k: Callable[[], int] | int = cfg.max_draft_tokens
+        elif not asked:
+            k = DEFAULT_K
+        else:
+            adaptive = self._adaptive(asked)
+            k = adaptive.choose
 
         def on_round(record: RoundRecord) -> None:
             self.stats.observe_round(record)
@@ -235,15 +259,19 @@ class ProxyRuntime:
 
         generation = Generation(
             request,
-            drafter=drafter.backend if drafter else None,
+            drafters=[d.backend for d in usable],
             target=self.target,
             eog_tokens=info.eog_token_ids,
             piece=self.pieces,
             choose_k=k,
-            draft_timeout_s=self.config.draft_timeout_s,
-            fallback_on_draft_failure=self.config.fallback_on_draft_failure,
+            draft_timeout_s=cfg.draft_timeout_s,
+            fallback_on_draft_failure=cfg.fallback_on_draft_failure,
+            pipeline=cfg.pipeline_drafts,
+            parallel_drafters=cfg.parallel_drafters,
+            min_confidence=cfg.draft_min_confidence,
             on_round=on_round,
             on_fallback=lambda reason: self.metrics.observe_fallback(name, reason),
+            on_drafter_error=self._drafter_failed,
             ensure_pieces=self.pieces.ensure,
         )
         if failed is not None and failed.check_error is not None:
@@ -251,6 +279,13 @@ class ProxyRuntime:
                         name, failed.check_error)
             generation.note_fallback(fallback_reason(failed.check_error))
         return generation
+
+    def _drafter_failed(self, name: str, reason: str) -> None:
+        self.metrics.observe_drafter_error(name, reason)
+        for d in self.drafters:
+            if d.backend.name == name:
+                d.healthy = False
+                d.resting_until = time.monotonic() + DRAFTER_REST_S
 
     async def aclose(self) -> None:
         for d in self.drafters:

@@ -1,0 +1,1 @@
+"""Benchmark suite: emulated networks and the runs that measure Tightwad across them."""
