@@ -107,8 +107,11 @@ lint: venv $(VENV)/bin/hadolint ## static checks: ruff, hadolint, compose config
 	$(VENV)/bin/ruff check proxy orchestrator tests images
 	HADOLINT=$(VENV)/bin/hadolint tests/docker/lint.sh
 
+BENCH_ARGS ?=
+
 .PHONY: bench
-bench: bench-verifier ## benchmarks (for now: the verifier's latency, as bench-verifier)
+bench: venv llama models ## the benchmark suite: every set-up side by side on emulated networks (root; BENCH_ARGS=...)
+	$(TIGHTWAD) benchmark --suite $(BENCH_ARGS)
 
 .PHONY: bench-verifier
 bench-verifier: venv llama models ## verify latency (1, 4, 16 drafted) against llama-server generating as many

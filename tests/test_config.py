@@ -253,6 +253,14 @@ def test_max_draft_tokens_auto_means_adaptive() -> None:
     assert proxy.max_draft_tokens is None and proxy.adaptive_draft
 
 
+def test_drafting_switches() -> None:
+    proxy = parse_config(with_value("proxy.draft_min_confidence", 0.75)).require_proxy()
+    assert (proxy.pipeline_drafts, proxy.parallel_drafters, proxy.draft_min_confidence) == (True, True, 0.75)
+    proxy = parse_config(with_value("proxy.pipeline_drafts", False)).require_proxy()
+    assert proxy.pipeline_drafts is False
+    assert parse_config(with_value("proxy.draft_min_confidence", 0)).require_proxy().draft_min_confidence == 0.0
+
+
 def test_drafters_list() -> None:
     drafters = [
         {"name": "small", "url": "http://a:1/", "timeout_s": 2},
@@ -330,6 +338,10 @@ BAD: list[tuple[str, dict, str]] = [
     ("backend-timeout", with_value("proxy.target.timeout_s", -1), "proxy.target.timeout_s: expected a number > 0, got -1"),
     ("draft-tokens", with_value("proxy.max_draft_tokens", 0), "proxy.max_draft_tokens: expected an integer between 1 and 256 or 'auto', got 0"),
     ("draft-tokens-word", with_value("proxy.max_draft_tokens", "lots"), "proxy.max_draft_tokens: expected an integer between 1 and 256 or 'auto', got 'lots'"),
+    ("pipeline", with_value("proxy.pipeline_drafts", "yes"), "proxy.pipeline_drafts: expected true or false, got 'yes'"),
+    ("parallel-drafters", with_value("proxy.parallel_drafters", 1), "proxy.parallel_drafters: expected true or false, got 1"),
+    ("min-confidence", with_value("proxy.draft_min_confidence", 1.5), "proxy.draft_min_confidence: expected a number <= 1.0, got 1.5"),
+    ("min-confidence-negative", with_value("proxy.draft_min_confidence", -0.1), "proxy.draft_min_confidence: expected a number >= 0, got -0.1"),
     ("request-bytes", with_value("proxy.max_request_bytes", 10), "proxy.max_request_bytes: expected an integer between 1024 and 1073741824, got 10"),
     ("max-tokens", with_value("proxy.max_tokens_limit", 2.5), "proxy.max_tokens_limit: expected an integer between 1 and 1048576, got 2.5"),
     ("api-key-empty", with_value("proxy.draft.api_key", ""), "proxy.draft.api_key: expected a non-empty string, got ''"),
