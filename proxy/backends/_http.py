@@ -5,6 +5,8 @@
     HTTP 503                                     -> BackendUnavailable
     any other non-2xx                            -> HttpStatusError (a BackendProtocolError)
     a body that is not JSON, or the wrong shape  -> BackendProtocolError
+    a stream that is not text/event-stream,
+    or an event whose data is not JSON           -> BackendProtocolError
 
 Every message names the backend's URL and the path, so a 502 from the proxy
 says which server failed and how. The ``expect_*`` helpers check the shape of
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -68,12 +70,7 @@ class HttpClient:
             raise BackendUnavailable(
                 f"{where} is unreachable: {type(exc).__name__}: {exc or 'no detail'}"
             ) from exc
-        if not response.is_success:
-            excerpt = response.text[:_EXCERPT].strip()
-            message = f"{where} answered HTTP {response.status_code}: {excerpt or '(empty body)'}"
-            if response.status_code == 503:
-                raise BackendUnavailable(message)
-            raise HttpStatusError(message, status=response.status_code)
+        _raise_for_status(where, response)
         try:
             return response.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -86,6 +83,50 @@ class HttpClient:
     async def post(self, path: str, body: Any, **kw: Any) -> Any:
         return await self.request_json("POST", path, json_body=body, **kw)
 
+    async def stream_events(self, path: str, body: Any) -> AsyncIterator[Any]:
+        """POST ``body`` and yield the ``data`` of each server-sent event, decoded as JSON.
+
+        An async generator: close it (``contextlib.aclosing``) to stop reading early; that
+        closes the connection, which is how a client tells a server to stop generating.
+        A ``[DONE]`` event ends the stream. The timeout applies to each read, as in
+        ``request_json``; a caller that wants a total limit wraps the whole read.
+        """
+        assert path.startswith("/"), f"path must start with '/': {path!r}"
+        where = f"{self.url}{path}"
+        try:
+            async with self._client.stream("POST", path, json=body) as response:
+                if not response.is_success:
+                    await response.aread()
+                    _raise_for_status(where, response)
+                kind = response.headers.get("content-type", "")
+                if not kind.startswith("text/event-stream"):
+                    await response.aread()
+                    excerpt = response.text[:_EXCERPT].strip()
+                    raise BackendProtocolError(
+                        f"{where} answered {kind or 'no content type'}, not an event stream: {excerpt!r}"
+                    )
+                data: list[str] = []
+                async for line in response.aiter_lines():
+                    if line:  # "field: value"; comments (":ping") and other fields are skipped
+                        field, _, value = line.partition(":")
+                        if field == "data":
+                            data.append(value[1:] if value.startswith(" ") else value)
+                        continue
+                    if not data:
+                        continue
+                    text, data = "\n".join(data), []
+                    if text == "[DONE]":
+                        return
+                    yield _decode_event(where, text)
+                if data and data != ["[DONE]"]:
+                    yield _decode_event(where, "\n".join(data))
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout(f"{where} did not answer within {self.timeout_s:g}s") from exc
+        except httpx.TransportError as exc:
+            raise BackendUnavailable(
+                f"{where} is unreachable: {type(exc).__name__}: {exc or 'no detail'}"
+            ) from exc
+
     async def ok(self, path: str) -> bool:
         """True when GET ``path`` answers 2xx in time; never raises a BackendError."""
         try:
@@ -96,6 +137,25 @@ class HttpClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _raise_for_status(where: str, response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    excerpt = response.text[:_EXCERPT].strip()
+    message = f"{where} answered HTTP {response.status_code}: {excerpt or '(empty body)'}"
+    if response.status_code == 503:
+        raise BackendUnavailable(message)
+    raise HttpStatusError(message, status=response.status_code)
+
+
+def _decode_event(where: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BackendProtocolError(
+            f"{where} streamed an event that is not JSON: {text[:_EXCERPT]!r}"
+        ) from exc
 
 
 # -- checking shapes ------------------------------------------------------------------

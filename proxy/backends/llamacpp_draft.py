@@ -15,11 +15,26 @@ An explicit ``samplers`` chain makes the server's command-line sampling defaults
   (after top_k there are at most ``n_probs`` candidates, so nothing is cut off).
   That distribution becomes ``DraftToken.dist``; a token missing from it, or a
   distribution that does not sum to 1, is a protocol error.
+
+Early cut (``DraftRequest.min_confidence`` > 0), as llama.cpp's own drafting does
+it (``common_speculative_gen_draft``: stop before the first token whose top
+probability is below ``p_min``): the same request with ``stream`` on, read event by
+event; at the first token whose confidence is below the threshold the response is
+closed, which makes llama-server cancel the task and free the slot. Confidence is
+the largest probability the server reports for the position: for greedy requests
+``n_probs`` 1 without ``post_sampling_probs`` (the model's softmax before top_k),
+for sampled ones the post-sampling distribution above. The tokens and dists kept
+are exactly a prefix of what the unstreamed request returns. Each event carries one
+token, and ``tokens_predicted`` counts all of them; llama-server never streams a
+token that leaves the text inside a UTF-8 character (its id and probabilities are
+lost), so a jump in that count also ends the draft, as does a token without
+probabilities (a final end-of-generation token may lack them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from typing import Any
 
@@ -150,8 +165,9 @@ class LlamaCppDraft:
         sampling = request.sampling
         slot = stable_slot(request.session, await self.props.total_slots())
         top_k = 0
+        cut = request.min_confidence > 0
         if sampling.greedy:
-            body = completion_body(tokens, request.k, sampling, id_slot=slot)
+            body = completion_body(tokens, request.k, sampling, id_slot=slot, n_probs=int(cut))
         else:
             top_k = min(sampling.top_k or MAX_SUPPORT, MAX_SUPPORT)
             body = completion_body(
@@ -159,6 +175,9 @@ class LlamaCppDraft:
                 post_sampling_probs=True, top_k=top_k,
             )
         where = self.url + "/completion"
+        if cut:
+            body["stream"] = True
+            return await self._draft_streamed(body, request, top_k, where)
         reply = expect_dict(await self.http.post("/completion", body), where)
         ids = expect_token_ids(reply.get("tokens"), where, "generated token ids")
         if len(ids) > request.k:
@@ -172,8 +191,66 @@ class LlamaCppDraft:
         # token; a shorter draft is still a valid draft, so keep what is covered.
         return [_sampled_token(t, entry, top_k, where) for t, entry in zip(ids, probs, strict=False)]
 
+    async def _draft_streamed(
+        self, body: dict[str, Any], request: DraftRequest, top_k: int, where: str
+    ) -> list[DraftToken]:
+        """The draft read token by token, up to the first token below ``min_confidence``."""
+        out: list[DraftToken] = []
+        seen = 0  # tokens the server has streamed
+        async with contextlib.aclosing(self.http.stream_events("/completion", body)) as events:
+            async for event in events:
+                event = expect_dict(event, where)
+                if "error" in event:
+                    raise garbage(where, "draft stream reported an error", event["error"])
+                ids = expect_token_ids(event.get("tokens"), where, "generated token ids")
+                if event.get("stop") is True:
+                    return out  # the final event: the draft ended (n_predict or eog)
+                if not ids:
+                    continue
+                counted = event.get("tokens_predicted")
+                if len(ids) != 1 or not isinstance(counted, int) or counted <= seen:
+                    raise garbage(where, "expected one token per event, counted by "
+                                  "'tokens_predicted'", event)
+                seen += 1
+                if seen > request.k:
+                    raise garbage(where, f"asked for {request.k} tokens, got more", event)
+                if counted > seen:
+                    return out  # tokens inside a UTF-8 character were never streamed
+                token = _confident_token(ids[0], event.get("completion_probabilities"),
+                                         top_k, request.min_confidence, where)
+                if token is None:
+                    return out
+                out.append(token)  # at k, read on to the final event: the connection is reused
+        raise garbage(where, "draft stream ended before its final event", [t.token for t in out])
+
     async def aclose(self) -> None:
         await self.http.aclose()
+
+
+def _confident_token(
+    token: int, probs: Any, top_k: int, min_confidence: float, where: str
+) -> DraftToken | None:
+    """One streamed token as a DraftToken, or None where the draft stops before it:
+    its confidence is below ``min_confidence``, or the server sent no probabilities."""
+    if probs is None or probs == []:
+        return None  # a final end-of-generation token may come without them
+    if not isinstance(probs, list) or len(probs) != 1:
+        raise garbage(where, "expected one completion_probabilities entry per event", probs)
+    if top_k:  # sampled: the post-sampling distribution, checked as unstreamed
+        drafted = _sampled_token(token, probs[0], top_k, where)
+        return drafted if max(drafted.dist.values()) >= min_confidence else None
+    entry = expect_dict(probs[0], where)
+    if entry.get("id") != token:
+        raise garbage(where, f"draft returned garbage: probabilities are for {entry.get('id')}, "
+                      f"not the generated token {token}", entry)
+    top = entry.get("top_logprobs")
+    if not isinstance(top, list) or not top:
+        raise garbage(where, "draft returned garbage: expected top_logprobs", top)
+    logprob = max(expect_number(expect_dict(t, where).get("logprob"), where,
+                                "top_logprobs[].logprob") for t in top)
+    if logprob > SUM_TOLERANCE:
+        raise garbage(where, "draft returned garbage: a logprob above 0", top)
+    return DraftToken(token, {token: 1.0}) if math.exp(logprob) >= min_confidence else None
 
 
 def _sampled_token(token: int, entry: Any, top_k: int, where: str) -> DraftToken:

@@ -1,6 +1,7 @@
 """Target backend: Tightwad's own verifier (``tightwad.verifier.app``), in token ids.
 
     verify    POST /v1/tightwad/verify    one forward pass over context + draft
+              (verify_many: ``drafts``, several greedy candidates in one call)
     generate  POST /v1/tightwad/generate  the target alone
     release   POST /v1/tightwad/release
     info      GET  /v1/tightwad/info and /v1/tightwad/vocab, fetched once and cached
@@ -111,6 +112,31 @@ class VerifierTarget(LlamaServerText):
         if len(positions) != len(draft) + 1:
             raise garbage(where, f"expected {len(draft) + 1} positions", len(positions))
         return [_position(p, where, sampled=not sampling.greedy) for p in positions]
+
+    async def verify_many(
+        self, context: Sequence[int], drafts: Sequence[Sequence[DraftToken]], *, n_prompt: int,
+        session: str, top_logprobs: int = 0,
+    ) -> list[list[TargetPosition]]:
+        """Greedy candidates of one context in one call: ``len(d) + 1`` positions each."""
+        body: dict[str, Any] = {
+            "tokens": list(context),
+            "drafts": [[d.token for d in draft] for draft in drafts],
+            "n_prompt": n_prompt,
+            "session": session,
+            "top_logprobs": top_logprobs,
+        }
+        where = self.url + "/v1/tightwad/verify"
+        reply = expect_dict(await self.http.post("/v1/tightwad/verify", body), where)
+        candidates = expect_field(reply, "candidates", list, where)
+        if len(candidates) != len(drafts):
+            raise garbage(where, f"expected {len(drafts)} candidates", len(candidates))
+        out = []
+        for draft, raw in zip(drafts, candidates, strict=True):
+            positions = expect_field(expect_dict(raw, where), "positions", list, where)
+            if len(positions) != len(draft) + 1:
+                raise garbage(where, f"expected {len(draft) + 1} positions", len(positions))
+            out.append([_position(p, where, sampled=False) for p in positions])
+        return out
 
     async def generate(
         self, context: Sequence[int], *, n_prompt: int, max_tokens: int, sampling: Sampling,

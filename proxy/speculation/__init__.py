@@ -4,13 +4,22 @@ Standard library only, no I/O: the backends plug into ``speculate`` as async cal
 """
 
 from tightwad.speculation.acceptance import accept_greedy, accept_sampled
-from tightwad.speculation.loop import DraftFn, FinishReason, RoundOutcome, VerifyFn, speculate
+from tightwad.speculation.loop import (
+    DraftFn,
+    DraftManyFn,
+    FinishReason,
+    RoundOutcome,
+    VerifyFn,
+    VerifyManyFn,
+    speculate,
+)
 from tightwad.speculation.stats import SpecDecodingStats
 from tightwad.speculation.types import EMPTY, DraftToken, RoundResult, TargetPosition
 
 __all__ = [
     "EMPTY",
     "DraftFn",
+    "DraftManyFn",
     "DraftToken",
     "FinishReason",
     "RoundOutcome",
@@ -18,6 +27,7 @@ __all__ = [
     "SpecDecodingStats",
     "TargetPosition",
     "VerifyFn",
+    "VerifyManyFn",
     "accept_greedy",
     "accept_sampled",
     "speculate",

@@ -1,7 +1,8 @@
 """The verifier's HTTP API (Starlette).
 
 Native endpoints, token ids in and out:
-    POST /v1/tightwad/verify     score a draft in one forward pass
+    POST /v1/tightwad/verify     score a draft in one forward pass, or several
+                                 candidate drafts (``drafts``) in one call
     POST /v1/tightwad/generate   the target alone, one token at a time
     POST /v1/tightwad/release    forget a finished generation's slot binding
     GET  /v1/tightwad/info       model facts the proxy needs (vocab, EOG ids, mode)
@@ -31,7 +32,7 @@ from tightwad.errors import InvalidRequest
 from tightwad.http import EXCEPTION_HANDLERS, error_body
 from tightwad.validation import RequestBody, parse_json_body
 from tightwad.verifier import completions
-from tightwad.verifier.engine import EvalStats, PositionScore
+from tightwad.verifier.engine import MAX_CANDIDATES, EvalStats, PositionScore
 from tightwad.verifier.sampling import TOP_LOGPROBS_MAX, SamplingParams
 from tightwad.verifier.service import UNCOUNTED_PATHS, VerifierMetrics, VerifierService
 
@@ -95,6 +96,8 @@ def create_app(service: VerifierService, *, load_in_background: bool = True) -> 
         body = await read_body(request)
         _, engine = service.require_ready()
         tokens = body.token_ids("tokens")
+        if body.raw("drafts") is not None:
+            return await verify_many(body, tokens, started)
         draft = body.token_ids("draft", [])
         sampling = read_sampling(body)
         support = None
@@ -117,6 +120,38 @@ def create_app(service: VerifierService, *, load_in_background: bool = True) -> 
         return JSONResponse(
             {"positions": [score_json(s) for s in scores], "mode": mode(), **stats_json(stats, started)}
         )
+
+    async def verify_many(body: RequestBody, tokens: list[int], started: float) -> JSONResponse:
+        """``drafts``: several greedy candidates of the same context, scored in one call."""
+        _, engine = service.require_ready()
+        if body.raw("draft") is not None:
+            raise InvalidRequest("give either draft or drafts, not both", param="drafts")
+        drafts = body.token_id_lists("drafts")
+        if not drafts:
+            raise InvalidRequest("drafts must hold at least one candidate draft", param="drafts")
+        if len(drafts) > MAX_CANDIDATES:
+            raise InvalidRequest(f"drafts holds {len(drafts)} candidates; at most {MAX_CANDIDATES} "
+                                 "are scored in one call", param="drafts")
+        sampling = read_sampling(body)
+        if sampling is not None and not sampling.greedy:
+            raise InvalidRequest("several candidate drafts are scored for greedy requests only "
+                                 "(sampling.temperature must be 0)", param="sampling")
+        candidates, stats = await service.run(
+            engine.verify_many,
+            tokens,
+            drafts,
+            n_prompt=body.int("n_prompt", None, min=1),
+            session=body.str("session", None),
+            top_k=body.int("top_logprobs", 0, min=0, max=TOP_LOGPROBS_MAX),
+        )
+        service.metrics.verify_seconds.observe(time.perf_counter() - started)
+        service.metrics.draft_tokens.inc(sum(map(len, drafts)))
+        service.metrics.tokens_evaluated.inc(stats.n_evaluated)
+        return JSONResponse({
+            "candidates": [{"positions": [score_json(s) for s in scores]} for scores in candidates],
+            "mode": mode(),
+            **stats_json(stats, started),
+        })
 
     async def generate(request: Request) -> JSONResponse:
         started = time.perf_counter()

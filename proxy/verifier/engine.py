@@ -20,6 +20,13 @@ prefix is reused only up to a point where that record agrees with the plan a
 cold evaluation of the same request would follow, so a warm cache gives the
 same bits as a cold one in strict mode.
 
+Several candidate drafts of the same context (``verify_many``, candidates.py)
+are scored in strict mode one after another on the strict plan, reusing the
+rows and cache of the prefix they share; in fast mode in one batch, with one
+llama.cpp sequence id per candidate branching off the shared prefix (fast-mode
+contexts are created with a unified cache and ``MAX_CANDIDATES`` sequences;
+strict ones keep the single-sequence setup that generation uses).
+
 Every method here is synchronous and not thread-safe: the HTTP layer runs them
 on a single worker thread, which serialises all access to llama.cpp.
 """
@@ -43,6 +50,7 @@ from tightwad.verifier.sampling import (
 )
 
 ECHO_CHUNK = 64  # rows of logits per decode when every position is scored
+MAX_CANDIDATES = 8  # candidate drafts per verify_many call
 
 
 @dataclasses.dataclass(slots=True)
@@ -94,8 +102,12 @@ class VerifierEngine:
         self.strict = strict
         self.n_batch = n_batch
         self.n_ubatch = n_ubatch
+        # Fast mode scores several candidates in one batch, one sequence id each.
+        self.multi_seq = not strict and not model.is_recurrent
+        n_seq = MAX_CANDIDATES if self.multi_seq else 1
         self._slots = [
-            Slot(i, LlamaContext(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads))
+            Slot(i, LlamaContext(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
+                                 n_threads=n_threads, n_seq_max=n_seq))
             for i in range(parallel)
         ]
         self._by_session: dict[str, Slot] = {}
@@ -148,6 +160,21 @@ class VerifierEngine:
                     score.tail_logprob = float(lp[score.tail_sample])
             scores.append(score)
         return scores, stats
+
+    def verify_many(
+        self,
+        tokens: Sequence[int],
+        drafts: Sequence[Sequence[int]],
+        *,
+        n_prompt: int | None = None,
+        session: str | None = None,
+        top_k: int = 0,
+    ) -> tuple[list[list[PositionScore]], EvalStats]:
+        """Greedy scores of several candidate drafts after ``tokens``: for each, the
+        ``len(d) + 1`` positions ``verify(tokens, d)`` returns (strict: bitwise)."""
+        from tightwad.verifier.candidates import verify_many
+
+        return verify_many(self, tokens, drafts, n_prompt=n_prompt, session=session, top_k=top_k)
 
     def generate(
         self,
@@ -212,14 +239,8 @@ class VerifierEngine:
     def _check(self, tokens: list[int], draft: list[int], n_prompt: int | None) -> int:
         if not tokens:
             raise InvalidRequest("tokens must hold at least one token", param="tokens")
-        n_vocab = self.model.n_vocab
-        for field, seq in (("tokens", tokens), ("draft", draft)):
-            for i, t in enumerate(seq):
-                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < n_vocab:
-                    raise InvalidRequest(
-                        f"{field}[{i}] = {t!r} is not a token id of this model (0..{n_vocab - 1})",
-                        param=field,
-                    )
+        self._check_ids(tokens, "tokens", "tokens")
+        self._check_ids(draft, "draft", "draft")
         total = len(tokens) + len(draft)
         if total > self.n_ctx:
             raise InvalidRequest(
@@ -235,6 +256,15 @@ class VerifierEngine:
                 param="n_prompt",
             )
         return n_prompt
+
+    def _check_ids(self, seq: Sequence[int], name: str, param: str) -> None:
+        n_vocab = self.model.n_vocab
+        for i, t in enumerate(seq):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < n_vocab:
+                raise InvalidRequest(
+                    f"{name}[{i}] = {t!r} is not a token id of this model (0..{n_vocab - 1})",
+                    param=param,
+                )
 
     def _slot(self, session: str | None) -> Slot:
         now = time.monotonic()

@@ -81,6 +81,10 @@ class LlamaModel:
         )
         self.bos_token_id: int = lib.llama_vocab_bos(self._vocab)
         self.eos_token_id: int = lib.llama_vocab_eos(self._vocab)
+        # Recurrent state cannot be branched per position as a KV cache can.
+        self.is_recurrent: bool = bool(
+            lib.llama_model_is_recurrent(self._model) or lib.llama_model_is_hybrid(self._model)
+        )
 
     @property
     def handle(self):  # noqa: ANN201 - a ctypes pointer
@@ -126,10 +130,17 @@ class LlamaModel:
 
 
 class LlamaContext:
-    """One sequence's KV cache and compute buffers; not thread-safe (callers serialise)."""
+    """One KV cache and its compute buffers; not thread-safe (callers serialise).
+
+    Sequence 0 is the cache proper. With ``n_seq_max`` > 1 the cache is unified
+    (one buffer of ``n_ctx`` cells shared by every sequence id, so that copying
+    a prefix to another sequence is bookkeeping, not a copy), and further
+    sequence ids may branch off sequence 0 for the length of one request.
+    """
 
     def __init__(
-        self, model: LlamaModel, *, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int
+        self, model: LlamaModel, *, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int,
+        n_seq_max: int = 1,
     ):
         lib = model._lib
         self._lib = lib
@@ -140,7 +151,10 @@ class LlamaContext:
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_ubatch
-        params.n_seq_max = 1
+        params.n_seq_max = n_seq_max
+        if n_seq_max > 1:
+            # Not unified, llama.cpp would give each sequence n_ctx / n_seq_max cells.
+            params.kv_unified = True
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.no_perf = True
@@ -148,23 +162,39 @@ class LlamaContext:
         if not self._ctx:
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
         self._mem = lib.llama_get_memory(self._ctx)
-        self._batch = lib.llama_batch_init(n_batch, 0, 1)
+        self.n_seq_max = n_seq_max
+        self._batch = lib.llama_batch_init(n_batch, 0, n_seq_max)
 
     def decode(self, tokens: Sequence[int], start_pos: int, outputs: Sequence[int]) -> np.ndarray:
-        """Evaluate ``tokens`` at positions ``start_pos...`` in ONE llama_decode call.
+        """Evaluate ``tokens`` at positions ``start_pos...`` of sequence 0 in ONE llama_decode call.
 
         Returns the logits rows for the batch indices in ``outputs`` (shape
         ``len(outputs) x n_vocab``, float32, copied out of llama.cpp's buffer).
         """
+        n = len(tokens)
+        return self.decode_seqs(tokens, range(start_pos, start_pos + n), [(0,)] * n, outputs)
+
+    def decode_seqs(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        seqs: Sequence[Sequence[int]],
+        outputs: Sequence[int],
+    ) -> np.ndarray:
+        """ONE llama_decode of tokens that each carry a position and the sequence ids
+        they belong to (a token shared by several sequences is stored once)."""
         n = len(tokens)
         assert 0 < n <= self.n_batch, (n, self.n_batch)
         batch = self._batch
         want = set(outputs)
         for i, tok in enumerate(tokens):
             batch.token[i] = tok
-            batch.pos[i] = start_pos + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
+            batch.pos[i] = positions[i]
+            ids = seqs[i]
+            assert 0 < len(ids) <= self.n_seq_max, ids
+            batch.n_seq_id[i] = len(ids)
+            for k, seq in enumerate(ids):
+                batch.seq_id[i][k] = seq
             batch.logits[i] = i in want
         batch.n_tokens = n
         rc = self._lib.llama_decode(self._ctx, batch)
@@ -179,6 +209,16 @@ class LlamaContext:
     def truncate(self, n_keep: int) -> None:
         """Drop every cached position >= n_keep (a rejected suffix, or all)."""
         self._lib.llama_memory_seq_rm(self._mem, 0, n_keep, -1)
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        """Drop sequence ``seq`` from positions [p0, p1) (-1: open ended); cells no
+        other sequence holds become free."""
+        self._lib.llama_memory_seq_rm(self._mem, seq, p0, p1)
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Let ``dst`` share ``src``'s cells in [p0, p1): bookkeeping in a unified cache."""
+        assert self.n_seq_max > 1
+        self._lib.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
 
     def close(self) -> None:
         if self._ctx:
