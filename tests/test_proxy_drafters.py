@@ -127,7 +127,7 @@ def test_killing_one_drafter_mid_stream_costs_only_speed(servers, pair, target, 
         server = start_proxy({"doomed": doomed.url, "other": other.url}, target.url)
         want = ref.complete(LONG_PROMPT, 96)
         body = {"prompt": LONG_PROMPT, "max_tokens": 96, "temperature": 0, "stream": True,
-                "return_tokens": True}
+                "stream_options": {"include_usage": True}, "return_tokens": True}
         chunks = []
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=TIMEOUT) as r:
             lines = (line for line in r.iter_lines() if line)
