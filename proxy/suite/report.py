@@ -153,7 +153,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
         fixed = sorted((int(n[2:]), c["tok_s"]) for n, c in data["configs"].items() if n.startswith("k="))
         xs = [k for k, _ in fixed]
         ax.plot(xs, [v for _, v in fixed], "o-", color=colour, label=f"{profile}: fixed k")
-        for name, style in (("adaptive", "--"), ("adaptive+pipeline", ":")):
+        for name, style in (("adaptive (no cut)", "-."), ("adaptive", "--"), ("adaptive+pipeline", ":")):
             if name in data["configs"]:
                 ax.axhline(data["configs"][name]["tok_s"], color=colour, linestyle=style, linewidth=1.2,
                            label=f"{profile}: {name}")
