@@ -21,11 +21,12 @@ cold evaluation of the same request would follow, so a warm cache gives the
 same bits as a cold one in strict mode.
 
 Several candidate drafts of the same context (``verify_many``, candidates.py)
-are scored in strict mode one after another on the strict plan, reusing the
-rows and cache of the prefix they share; in fast mode in one batch, with one
-llama.cpp sequence id per candidate branching off the shared prefix (fast-mode
-contexts are created with a unified cache and ``MAX_CANDIDATES`` sequences;
-strict ones keep the single-sequence setup that generation uses).
+form a prefix tree whose every node is evaluated once: in strict mode by a
+depth-first walk on the strict plan (bitwise what ``verify`` gives each
+candidate), in fast mode in one batch with one llama.cpp sequence id per leaf.
+Fast-mode contexts are therefore created with a unified cache and
+``MAX_CANDIDATES`` sequences; strict ones keep the single-sequence setup that
+generation uses.
 
 Every method here is synchronous and not thread-safe: the HTTP layer runs them
 on a single worker thread, which serialises all access to llama.cpp.
