@@ -224,6 +224,10 @@ class _Streaming(http.server.BaseHTTPRequestHandler):
         scenario = self.path.strip("/").split("/")[0]
         if scenario == "json":  # ignores "stream": true
             self._send(200, "application/json", b'{"tokens": [5]}')
+        elif scenario == "utf8-gap-unstreamed":  # token 9 ended inside a UTF-8 character
+            entry = lambda t: {"id": t, "prob": 0.6, "top_probs": [{"id": t, "prob": 0.6}, {"id": 1, "prob": 0.4}]}  # noqa: E731
+            body = {"tokens": [5, 9, 7], "completion_probabilities": [entry(5), entry(7)]}
+            self._send(200, "application/json", json.dumps(body).encode())
         elif scenario == "status-503":
             self._send(503, "application/json", b'{"error": "Loading model"}')
         elif scenario == "hang":
@@ -268,6 +272,14 @@ def _cut_draft(url: str, timeout_s: float = 5.0) -> Callable[[], Awaitable[list[
 def test_stream_quirks_end_the_draft_early(streaming):
     assert run(_cut_draft(streaming + "/gap")) == [DraftToken(5, {5: 1.0})]
     assert run(_cut_draft(streaming + "/no-probs")) == [DraftToken(5, {5: 1.0})]
+
+
+def test_unstreamed_sampled_draft_ends_before_a_token_without_probabilities(streaming):
+    async def go() -> list[DraftToken]:
+        async with contextlib.aclosing(LlamaCppDraft(streaming + "/utf8-gap-unstreamed")) as drafter:
+            return await drafter.draft(DraftRequest([1, 2], 4, Sampling(temperature=0.8, top_k=2), "x"))
+
+    assert run(go) == [DraftToken(5, {5: 0.6, 1: 0.4})]
 
 
 def test_garbage_streams_are_protocol_errors(streaming):

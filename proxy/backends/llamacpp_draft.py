@@ -189,7 +189,14 @@ class LlamaCppDraft:
             raise garbage(where, f"expected at most {len(ids)} completion_probabilities", probs)
         # llama-server leaves out the probabilities of a final end-of-generation
         # token; a shorter draft is still a valid draft, so keep what is covered.
-        return [_sampled_token(t, entry, top_k, where) for t, entry in zip(ids, probs, strict=False)]
+        drafted = []
+        for t, entry in zip(ids, probs, strict=False):
+            if isinstance(entry, dict) and entry.get("id") != t:
+                # llama-server also leaves out a token that ends inside a UTF-8 character
+                # (its probabilities are lost): the draft ends before it.
+                break
+            drafted.append(_sampled_token(t, entry, top_k, where))
+        return drafted
 
     async def _draft_streamed(
         self, body: dict[str, Any], request: DraftRequest, top_k: int, where: str
