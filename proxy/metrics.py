@@ -32,6 +32,8 @@ prometheus-client's multiprocess mode.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tightwad.generation import RoundRecord
@@ -84,6 +86,7 @@ class ProxyMetrics:
             "tightwad_target_generate_only", "1 when the target can only confirm drafts by generating them (no speed-up)",
             ["model", "target"], registry=r)
         self._drafters: list[str] = []
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._init_requests()
 
     def _init_requests(self) -> None:
@@ -117,6 +120,7 @@ class ProxyMetrics:
         old, self.model = self.model, model
         if old == model:
             return
+        self._children.clear()
         for collector in vars(self).values():
             if isinstance(collector, Counter | Gauge | Histogram):
                 for values in _series_of_model(collector, old):
@@ -129,30 +133,40 @@ class ProxyMetrics:
         endpoint = path if path in ENDPOINTS else "other"
         self.requests.labels(model=self.model, endpoint=endpoint, status=str(status)).inc()
 
+    def _child(self, collector: Counter | Histogram, *values: str) -> Any:
+        # labels() costs several microseconds; a round touches about fifteen series.
+        key = (id(collector), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = collector.labels(*values)
+        return child
+
     def observe_round(self, record: RoundRecord) -> None:
-        labels = {"model": self.model, "drafter": record.drafter or "none"}
+        md = (self.model, record.drafter or "none")
         res = record.result
-        self.rounds.labels(**labels).inc()
+        child = self._child
+        child(self.rounds, *md).inc()
         if res.n_drafted:
-            self.num_drafts.labels(**labels).inc()
-            self.num_draft_tokens.labels(**labels).inc(res.n_drafted)
-            self.num_accepted_tokens.labels(**labels).inc(res.n_accepted)
-            self.drafter_wins.labels(**labels).inc(res.n_accepted)
+            child(self.num_drafts, *md).inc()
+            child(self.num_draft_tokens, *md).inc(res.n_drafted)
+            child(self.num_accepted_tokens, *md).inc(res.n_accepted)
+            child(self.drafter_wins, *md).inc(res.n_accepted)
             for pos, ok in enumerate(res.accepted_mask[:MAX_POSITIONS]):
-                if ok:
-                    self.num_accepted_per_pos.labels(**labels, position=str(pos)).inc()
-        self.num_emitted_tokens.labels(**labels).inc(record.n_emitted)
-        self.tokens_per_round.labels(**labels).observe(record.n_emitted)
+                if not ok:
+                    break  # only a prefix is ever accepted
+                child(self.num_accepted_per_pos, *md, str(pos)).inc()
+        child(self.num_emitted_tokens, *md).inc(record.n_emitted)
+        child(self.tokens_per_round, *md).observe(record.n_emitted)
         if record.draft_s is not None:
-            self.draft_latency.labels(**labels).observe(record.draft_s)
-        self.verify_latency.labels(model=self.model, target=self.target).observe(record.verify_s)
-        self.round_latency.labels(**labels).observe(record.round_s)
-        self.round_cpu.labels(model=self.model).observe(record.cpu_s)
-        self.round_overhead.labels(model=self.model).observe(record.overhead_s)
+            child(self.draft_latency, *md).observe(record.draft_s)
+        child(self.verify_latency, self.model, self.target).observe(record.verify_s)
+        child(self.round_latency, *md).observe(record.round_s)
+        child(self.round_cpu, self.model).observe(record.cpu_s)
+        child(self.round_overhead, self.model).observe(record.overhead_s)
         if record.prefetched:
-            self.pipeline_hits.labels(**labels).inc()
+            child(self.pipeline_hits, *md).inc()
         if record.candidates > 1 and record.drafter is not None:
-            self.drafter_rounds_won.labels(**labels).inc()
+            child(self.drafter_rounds_won, *md).inc()
 
     def observe_drafter_error(self, drafter: str, reason: str) -> None:
         reason = reason if reason in FALLBACK_REASONS else "error"
