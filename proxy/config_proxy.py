@@ -51,10 +51,11 @@ def parse_proxy(root: Reader, env: EnvOverrides) -> ProxyConfig | None:
         return None
     host = p.str("host", "127.0.0.1", pattern=ADDRESS_PATTERN, expected="an address to bind")
     port = p.int("port", 8088, min=1, max=65535)
-    if str(p.raw("max_draft_tokens", "")).strip().lower() == "auto":
+    # "auto" (the default): the proxy adapts the draft length to what it measures.
+    if str(p.raw("max_draft_tokens", "auto")).strip().lower() == "auto":
         max_draft_tokens = None
     else:
-        max_draft_tokens = p.int("max_draft_tokens", 8, min=1, max=256, extra=" or 'auto'")
+        max_draft_tokens = p.int("max_draft_tokens", REQUIRED, min=1, max=256, extra=" or 'auto'")
     request_timeout_s = p.number("request_timeout_s", 300.0, max=86400)
     draft_timeout_s = p.number("draft_timeout_s", 10.0, max=3600)
     if p.has("draft") and p.has("drafters"):

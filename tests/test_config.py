@@ -212,7 +212,8 @@ def test_require_cluster_wants_a_model() -> None:
 
 def test_proxy_defaults() -> None:
     proxy = parse_config({"proxy": base()["proxy"]}).require_proxy()
-    assert (proxy.host, proxy.port, proxy.max_draft_tokens) == ("127.0.0.1", 8088, 8)
+    assert (proxy.host, proxy.port, proxy.max_draft_tokens) == ("127.0.0.1", 8088, None)
+    assert proxy.adaptive_draft and proxy.pipeline_drafts and proxy.draft_min_confidence == 0.0
     assert proxy.fallback_on_draft_failure is True and proxy.mode == "fast"
     assert (proxy.max_tokens_limit, proxy.max_request_bytes) == (4096, 1 << 20)
     assert (proxy.request_timeout_s, proxy.draft_timeout_s) == (300.0, 10.0)
