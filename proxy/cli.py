@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cost-requests", type=_positive, default=10_000,
                    help="suite: requests for the proxy memory check (default 10000)")
     b.add_argument("--no-cost", action="store_true", help="suite: skip the proxy's own cost")
+    b.add_argument("--pin-hosts", action="store_true",
+                   help="suite: one CPU and one thread each for the draft's and the target's hosts "
+                        "(taskset), so that they do not share cores")
+    b.add_argument("--only", type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
+                   default=(), help="suite: only these proxy set-ups, comma-separated (e.g. 'k=4,adaptive')")
     b.add_argument("--out", default="bench-results", help="suite: output folder (default bench-results)")
 
     ll = sub.add_parser("llama", help="the pinned llama.cpp build")
@@ -295,6 +300,7 @@ def _run_suite(args: argparse.Namespace) -> int:
         target_model=model(args.target_model, localstack.TARGET_MODEL, "--target-model"),
         out_dir=Path(args.out), max_tokens=args.max_tokens or 32,
         prompts_per_kind=args.prompts_per_kind, cost=not args.no_cost, cost_requests=args.cost_requests,
+        pin_hosts=args.pin_hosts, only=args.only,
     )
     if args.profiles:
         opts.profiles = args.profiles

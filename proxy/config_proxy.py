@@ -94,7 +94,7 @@ def parse_proxy(root: Reader, env: EnvOverrides) -> ProxyConfig | None:
         drafters=tuple(drafters),
         target=_parse_backend(target, "target", name="target", timeout_s=request_timeout_s),
         api_key=override(env.api_key, p.str("api_key", None)),
-        pipeline_drafts=p.bool("pipeline_drafts", True),
+        pipeline_drafts=p.bool("pipeline_drafts", False),
         parallel_drafters=p.bool("parallel_drafters", True),
         draft_min_confidence=p.number("draft_min_confidence", 0.0, gt=-1e-12, max=1.0),
     )

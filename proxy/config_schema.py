@@ -137,7 +137,8 @@ class ProxyConfig:
     target: BackendConfig
     api_key: str | None = dataclasses.field(default=None, repr=False)
     # While the target verifies a round, draft the next one as if it were accepted.
-    pipeline_drafts: bool = True
+    # Off by default: it gains only where draft and target do not share CPUs.
+    pipeline_drafts: bool = False
     # With several drafters: greedy requests ask them all and keep the best proposal.
     parallel_drafters: bool = True
     # Stop a draft before the first token the draft itself is less sure of than this.

@@ -213,7 +213,7 @@ def test_require_cluster_wants_a_model() -> None:
 def test_proxy_defaults() -> None:
     proxy = parse_config({"proxy": base()["proxy"]}).require_proxy()
     assert (proxy.host, proxy.port, proxy.max_draft_tokens) == ("127.0.0.1", 8088, None)
-    assert proxy.adaptive_draft and proxy.pipeline_drafts and proxy.draft_min_confidence == 0.0
+    assert proxy.adaptive_draft and not proxy.pipeline_drafts and proxy.draft_min_confidence == 0.0
     assert proxy.fallback_on_draft_failure is True and proxy.mode == "fast"
     assert (proxy.max_tokens_limit, proxy.max_request_bytes) == (4096, 1 << 20)
     assert (proxy.request_timeout_s, proxy.draft_timeout_s) == (300.0, 10.0)
@@ -256,9 +256,9 @@ def test_max_draft_tokens_auto_means_adaptive() -> None:
 
 def test_drafting_switches() -> None:
     proxy = parse_config(with_value("proxy.draft_min_confidence", 0.75)).require_proxy()
-    assert (proxy.pipeline_drafts, proxy.parallel_drafters, proxy.draft_min_confidence) == (True, True, 0.75)
-    proxy = parse_config(with_value("proxy.pipeline_drafts", False)).require_proxy()
-    assert proxy.pipeline_drafts is False
+    assert (proxy.pipeline_drafts, proxy.parallel_drafters, proxy.draft_min_confidence) == (False, True, 0.75)
+    proxy = parse_config(with_value("proxy.pipeline_drafts", True)).require_proxy()
+    assert proxy.pipeline_drafts is True
     assert parse_config(with_value("proxy.draft_min_confidence", 0)).require_proxy().draft_min_confidence == 0.0
 
 

@@ -36,7 +36,8 @@ def test_every_set_up_is_measured_side_by_side(suite):
     results, _, _ = suite
     assert set(results["baselines"]) == {"target (verifier)", "llama-server", "llama-spec n-max=2"}
     configs = results["profiles"]["wan"]["configs"]
-    assert set(configs) == {"k=2", "adaptive (no cut)", "adaptive", "adaptive+pipeline"}
+    assert set(configs) == {"k=2", "adaptive (no cut)", "adaptive", "adaptive+pipeline",
+                            "adaptive (no cut)+pipeline"}
     assert [p["kind"] for p in results["prompts"]] == ["code", "math", "factual", "list", "creative"]
     for c in configs.values():
         assert c["prompts"] == 5 and c["output_tokens"] > 0

@@ -44,6 +44,7 @@ DEFAULT_KS = (4, 8, 16, 32)
 DEFAULT_SPEC_N_MAX = (4, 8, 16)
 DRAFT_PORT, TARGET_PORT, PROXY_PORT = 8081, 8090, 8088
 CUT = 0.75  # draft_min_confidence of the adaptive set-ups
+DRAFT_CPU, TARGET_CPU = 0, 1  # with --pin-hosts
 
 
 @dataclasses.dataclass
@@ -60,6 +61,18 @@ class Options:
     cost_requests: int = 10_000
     cost_streams: int = 64
     threads: int = dataclasses.field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    # Give the draft's and the target's "machines" a CPU each (taskset, one thread),
+    # so that they do not compete for cores as separate boxes would not; the
+    # references run on the target's CPU too.
+    pin_hosts: bool = False
+    only: tuple[str, ...] = ()  # proxy set-ups to run (default all)
+
+    def pinned(self, argv: list[str], cpu: int) -> list[str]:
+        return ["taskset", "-c", str(cpu), *argv] if self.pin_hosts else argv
+
+    @property
+    def server_threads(self) -> int:
+        return 1 if self.pin_hosts else self.threads
 
 
 def log(msg: str) -> None:
@@ -79,6 +92,8 @@ def proxy_configs(ks: tuple[int, ...]) -> dict[str, dict[str, Any]]:
     configs["adaptive"] = {"max_draft_tokens": "auto", "pipeline_drafts": False, "draft_min_confidence": CUT}
     configs["adaptive+pipeline"] = {"max_draft_tokens": "auto", "pipeline_drafts": True,
                                     "draft_min_confidence": CUT}
+    configs["adaptive (no cut)+pipeline"] = {"max_draft_tokens": "auto", "pipeline_drafts": True,
+                                             "draft_min_confidence": 0.0}
     return configs
 
 
@@ -91,6 +106,7 @@ def run(opts: Options) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "machine": {"cpus": opts.threads, "platform": platform.platform(), "python": platform.python_version()},
         "models": {"draft": opts.draft_model.name, "target": opts.target_model.name},
+        "pinned_hosts": opts.pin_hosts,
         "max_tokens": opts.max_tokens, "baselines": {}, "profiles": {},
     }
     prompts, eog = _prompt_tokens(opts, logs)
@@ -152,16 +168,16 @@ def _prompt_tokens(opts: Options, logs: Path) -> tuple[list[tuple[str, str, list
 
 
 def _verifier_daemon(opts: Options, logs: Path, name: str, port: int = TARGET_PORT) -> Daemon:
-    argv = python_argv("verifier", "--model", str(opts.target_model), "--host", "127.0.0.1",
-                       "--port", str(port), "--ctx-size", "4096", "--parallel", "2",
-                       "--threads", str(opts.threads))
+    argv = opts.pinned(python_argv("verifier", "--model", str(opts.target_model), "--host", "127.0.0.1",
+                                   "--port", str(port), "--ctx-size", "4096", "--parallel", "2",
+                                   "--threads", str(opts.server_threads)), TARGET_CPU)
     return Daemon(name, argv, f"http://127.0.0.1:{port}/health", logs)
 
 
 def _llama_daemon(opts: Options, logs: Path, name: str, *extra: str, port: int = TARGET_PORT) -> Daemon:
-    argv = [str(llamacpp.binary("llama-server")), "-m", str(opts.target_model), "--host", "127.0.0.1",
-            "--port", str(port), "-c", "4096", "--parallel", "1", "-t", str(opts.threads), "--no-webui",
-            *extra]
+    argv = opts.pinned([str(llamacpp.binary("llama-server")), "-m", str(opts.target_model), "--host",
+                        "127.0.0.1", "--port", str(port), "-c", "4096", "--parallel", "1",
+                        "-t", str(opts.server_threads), "--no-webui", *extra], TARGET_CPU)
     return Daemon(name, argv, f"http://127.0.0.1:{port}/health", logs)
 
 
@@ -205,14 +221,15 @@ def _profile(opts: Options, profile: str, ids: list[list[int]], eog: list[int],
     log(f"→ network profile {profile}")
     out: dict[str, Any] = {"configs": {}}
     with NetworkLab(profile) as lab:
-        draft = lab.spawn("draft", [
+        draft = lab.spawn("draft", opts.pinned([
             str(llamacpp.binary("llama-server")), "-m", str(opts.draft_model), "--host", "0.0.0.0",
-            "--port", str(DRAFT_PORT), "-c", "4096", "--parallel", "2", "-t", str(opts.threads), "--no-webui",
-        ], **_logged(logs / f"{profile}-draft.log"))
-        target = lab.spawn("target", python_argv(
+            "--port", str(DRAFT_PORT), "-c", "4096", "--parallel", "2", "-t", str(opts.server_threads),
+            "--no-webui",
+        ], DRAFT_CPU), **_logged(logs / f"{profile}-draft.log"))
+        target = lab.spawn("target", opts.pinned(python_argv(
             "verifier", "--model", str(opts.target_model), "--host", "0.0.0.0", "--port", str(TARGET_PORT),
-            "--ctx-size", "4096", "--parallel", "2", "--threads", str(opts.threads),
-        ), **_logged(logs / f"{profile}-target.log"))
+            "--ctx-size", "4096", "--parallel", "2", "--threads", str(opts.server_threads),
+        ), TARGET_CPU), **_logged(logs / f"{profile}-target.log"))
         draft_at = lab.expose("draft", DRAFT_PORT)
         target_at = lab.expose("target", TARGET_PORT)
         _wait_healthy(lab, draft_at, draft, logs / f"{profile}-draft.log")
@@ -223,7 +240,10 @@ def _profile(opts: Options, profile: str, ids: list[list[int]], eog: list[int],
         out["rtt_ms"] = {host: round(lab.rtt_ms(host), 3) for host in ("draft", "target")}
         log(f"  {lab.method}: measured RTT draft {out['rtt_ms']['draft']:.2f} ms, "
             f"target {out['rtt_ms']['target']:.2f} ms")
-        for i, (name, keys) in enumerate(proxy_configs(opts.ks).items()):
+        configs = proxy_configs(opts.ks)
+        for i, (name, keys) in enumerate(configs.items()):
+            if opts.only and name not in opts.only:
+                continue
             log(f"  {profile} / {name}")
             raw = _proxy_run(opts, lab, name, keys, draft_at, target_at, PROXY_PORT + i, ids, eog, logs,
                              profile)
