@@ -72,11 +72,9 @@ class HttpClient:
                 timeout=httpx.Timeout(limit, connect=min(limit, _CONNECT_TIMEOUT_S)),
             )
         except httpx.TimeoutException as exc:
-            raise BackendTimeout(f"{where} did not answer within {limit:g}s") from exc
+            raise _timed_out(where, limit) from exc
         except httpx.TransportError as exc:
-            raise BackendUnavailable(
-                f"{where} is unreachable: {type(exc).__name__}: {exc or 'no detail'}"
-            ) from exc
+            raise _unreachable(where, exc) from exc
         return _decode(where, WireResponse(response.status_code, response.content))
 
     async def _wire_request(self, where: str, method: str, path: str, body: Any, limit: float) -> WireResponse:
@@ -85,11 +83,9 @@ class HttpClient:
             async with asyncio.timeout(limit):
                 return await self._wire.request(method, path, body)
         except TimeoutError as exc:
-            raise BackendTimeout(f"{where} did not answer within {limit:g}s") from exc
+            raise _timed_out(where, limit) from exc
         except (OSError, asyncio.IncompleteReadError) as exc:
-            raise BackendUnavailable(
-                f"{where} is unreachable: {type(exc).__name__}: {exc or 'no detail'}"
-            ) from exc
+            raise _unreachable(where, exc) from exc
         except WireProtocolError as exc:
             raise BackendProtocolError(f"{where} answered with invalid HTTP: {exc}") from exc
 
@@ -137,11 +133,9 @@ class HttpClient:
                 if data and data != ["[DONE]"]:
                     yield _decode_event(where, "\n".join(data))
         except httpx.TimeoutException as exc:
-            raise BackendTimeout(f"{where} did not answer within {self.timeout_s:g}s") from exc
+            raise _timed_out(where, self.timeout_s) from exc
         except httpx.TransportError as exc:
-            raise BackendUnavailable(
-                f"{where} is unreachable: {type(exc).__name__}: {exc or 'no detail'}"
-            ) from exc
+            raise _unreachable(where, exc) from exc
 
     async def ok(self, path: str) -> bool:
         """True when GET ``path`` answers 2xx in time; never raises a BackendError."""
@@ -155,6 +149,14 @@ class HttpClient:
         if self._wire is not None:
             await self._wire.aclose()
         await self._client.aclose()
+
+
+def _timed_out(where: str, limit: float) -> BackendTimeout:
+    return BackendTimeout(f"{where} did not answer within {limit:g}s")
+
+
+def _unreachable(where: str, exc: BaseException) -> BackendUnavailable:
+    return BackendUnavailable(f"{where} is unreachable: {type(exc).__name__}: {exc or 'no detail'}")
 
 
 def _raise_for_status(where: str, response: httpx.Response | WireResponse) -> None:
