@@ -14,7 +14,6 @@ import json
 import math
 import random
 import sys
-import threading
 import time
 import types
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from servers import ServerProcess, free_port
+from servers import ServerProcess, free_port, handler_server
 
 from tightwad.backends.base import DraftRequest, Sampling, positions_from_generation
 from tightwad.backends.factory import make_drafter, make_target
@@ -325,13 +324,8 @@ class _Misbehaving(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def misbehaving() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Misbehaving)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with handler_server(_Misbehaving) as url:
+        yield url
 
 
 def _verify(url: str, timeout_s: float = 5.0) -> Callable[[], Awaitable[object]]:

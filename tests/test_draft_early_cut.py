@@ -16,14 +16,13 @@ import contextlib
 import http.server
 import json
 import math
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import httpx
 import pytest
-from servers import free_port
+from servers import free_port, handler_server
 
 from tightwad.backends._http import stable_slot
 from tightwad.backends.base import DraftRequest, Sampling
@@ -252,13 +251,8 @@ class _Streaming(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def streaming() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Streaming)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with handler_server(_Streaming) as url:
+        yield url
 
 
 def _cut_draft(url: str, timeout_s: float = 5.0) -> Callable[[], Awaitable[list[DraftToken]]]:
