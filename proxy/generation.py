@@ -160,10 +160,12 @@ class Generation:
         self, context: tuple[int, ...], proposals: Sequence[Sequence[DraftToken]]
     ) -> list[Sequence[TargetPosition]]:
         # Drafters often agree: identical proposals are scored once.
-        unique: dict[tuple[int, ...], int] = {}
-        for p in proposals:
-            unique.setdefault(tuple(d.token for d in p), len(unique))
-        distinct = [proposals[[tuple(d.token for d in p) for p in proposals].index(key)] for key in unique]
+        keys = [tuple(d.token for d in p) for p in proposals]
+        first: dict[tuple[int, ...], int] = {}  # proposal tokens -> index of its first proposal
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        distinct = [proposals[i] for i in first.values()]
+        slot = {key: j for j, key in enumerate(first)}
         started = time.perf_counter()
         scored = await verify_candidates(
             self.target, context, distinct, n_prompt=len(self.request.prompt),
@@ -172,7 +174,7 @@ class Generation:
         )
         self.stats.verify_seconds.append(time.perf_counter() - started)
         self._proposals = list(proposals)
-        self._scored = [scored[unique[tuple(d.token for d in p)]] for p in proposals]
+        self._scored = [scored[slot[key]] for key in keys]
         return self._scored
 
     async def events(self) -> AsyncIterator[GenerationEvent]:
