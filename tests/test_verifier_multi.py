@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 from typing import Any
 
 import httpx
 import pytest
+from servers import handler_server
 
 from tightwad.backends.base import Sampling
 from tightwad.backends.verifier import VerifierTarget
@@ -252,17 +254,23 @@ def test_verifier_target_verify_many_end_to_end(smol):
 def test_verifier_target_verify_many_refuses_garbage(reply, match):
     seen: list[dict] = []
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.append(json.loads(request.content))
-        return httpx.Response(200, json=reply)
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
-    async def go() -> None:
-        target = VerifierTarget("http://verifier.invalid")
-        target.http._client = httpx.AsyncClient(base_url=target.url,
-                                                transport=httpx.MockTransport(answer))
-        async with contextlib.aclosing(target):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    async def go(url: str) -> None:
+        async with contextlib.aclosing(VerifierTarget(url)) as target:
             await target.verify_many([1, 2], [greedy([5]), greedy([])], n_prompt=2, session="g")
 
-    with pytest.raises(BackendProtocolError, match=match):
-        asyncio.run(go())
+    with handler_server(Answer) as url, pytest.raises(BackendProtocolError, match=match):
+        asyncio.run(go(url))
     assert seen[0]["drafts"] == [[5], []] and "draft" not in seen[0] and "sampling" not in seen[0]

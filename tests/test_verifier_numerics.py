@@ -141,8 +141,12 @@ def test_warm_cache_equals_cold_cache(strict_url, reference):
     context2 = tokens + produced[:4]  # 3 accepted + the target's own token
     warm = verify(strict_url, context2, produced[4:12], session="warm", n_prompt=len(tokens))
     assert warm["n_cached"] > len(tokens)
+    # Whatever slot "cold" gets may still hold this prompt from an earlier
+    # session-less request; another prompt first leaves it only the shared template.
+    other_tokens, other_gen = reference[1]
+    verify(strict_url, other_tokens, other_gen["tokens"][:2], session="cold", n_prompt=len(other_tokens))
     cold = verify(strict_url, context2, produced[4:12], session="cold", n_prompt=len(tokens))
-    assert cold["n_cached"] == 0 or cold["n_cached"] <= len(tokens)
+    assert cold["n_cached"] < len(tokens)
     assert warm["positions"] == cold["positions"]
 
 
