@@ -11,12 +11,12 @@ carrying ``"usage": null``. Each body also carries a
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tightwad import jsonio
 from tightwad.generation import GenerationStats, TokenLogprob
 
 Piece = Callable[[int], bytes]
@@ -173,5 +173,5 @@ class Formatter:
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
+    payload = data.encode() if isinstance(data, str) else jsonio.dumps(data)
+    return b"data: " + payload + b"\n\n"

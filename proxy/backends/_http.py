@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from tightwad import jsonio
 from tightwad.backends._wire import JsonWire, WireProtocolError, WireResponse
 from tightwad.errors import BackendProtocolError, BackendTimeout, BackendUnavailable
 
@@ -174,7 +175,7 @@ def _decode(where: str, response: WireResponse) -> Any:
     """The JSON body of a successful answer."""
     _raise_for_status(where, response)
     try:
-        return json.loads(response.body)
+        return jsonio.loads(response.body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         excerpt = response.text[:_EXCERPT].strip()
         raise BackendProtocolError(f"{where} answered with invalid JSON: {excerpt!r}") from exc
@@ -182,7 +183,7 @@ def _decode(where: str, response: WireResponse) -> Any:
 
 def _decode_event(where: str, text: str) -> Any:
     try:
-        return json.loads(text)
+        return jsonio.loads(text)
     except json.JSONDecodeError as exc:
         raise BackendProtocolError(
             f"{where} streamed an event that is not JSON: {text[:_EXCERPT]!r}"

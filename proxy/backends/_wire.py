@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-_MAX_HEADER_BYTES = 64 * 1024
+from tightwad import jsonio
+
 _MAX_IDLE = 16  # kept-alive connections per server
 
 
@@ -60,7 +60,7 @@ class JsonWire:
     async def request(self, method: str, path: str, body: Any = None) -> WireResponse:
         """Send one request; raises OSError (connection), WireProtocolError, or whatever
         cancels the caller (a timeout around this call, typically)."""
-        data = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+        data = b"" if body is None else jsonio.dumps(body)
         head = (f"{method} {self.prefix}{path} HTTP/1.1\r\n{self._head}"
                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode()
         while self._idle:
@@ -81,16 +81,20 @@ class JsonWire:
             writer.write(payload)
             try:
                 await writer.drain()
-                status_line = await reader.readline()
+                head = await reader.readuntil(b"\r\n\r\n")  # the whole head in one read
             except (ConnectionResetError, BrokenPipeError) as exc:
                 if reused:
                     raise _Stale from exc
                 raise
-            if not status_line:
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    raise WireProtocolError("the answer's headers were cut short") from exc
                 if reused:
-                    raise _Stale
-                raise ConnectionResetError("the server closed the connection without answering")
-            response, keep = await _read_response(status_line, reader)
+                    raise _Stale from exc
+                raise ConnectionResetError("the server closed the connection without answering") from exc
+            except asyncio.LimitOverrunError as exc:
+                raise WireProtocolError("the answer's headers are too long") from exc
+            response, keep = await _read_response(head, reader)
             return response
         finally:
             if keep and len(self._idle) < _MAX_IDLE:
@@ -106,24 +110,19 @@ class JsonWire:
                 await writer.wait_closed()
 
 
-async def _read_response(status_line: bytes, reader: asyncio.StreamReader) -> tuple[WireResponse, bool]:
-    """(the answer, whether the connection may be reused)."""
+async def _read_response(head: bytes, reader: asyncio.StreamReader) -> tuple[WireResponse, bool]:
+    """(the answer, whether the connection may be reused); ``head`` ends with the blank line."""
+    status_line, *lines = head.decode("latin-1").split("\r\n")
     try:
-        version, code, *_ = status_line.decode("latin-1").split(" ", 2)
+        version, code, *_ = status_line.split(" ", 2)
         status = int(code)
     except ValueError as exc:
         raise WireProtocolError(f"bad status line {status_line[:80]!r}") from exc
     headers: dict[str, str] = {}
-    size = 0
-    while True:
-        line = await reader.readline()
-        size += len(line)
-        if size > _MAX_HEADER_BYTES or not line:
-            raise WireProtocolError("headers too long or cut short")
-        if line in (b"\r\n", b"\n"):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = await _read_chunked(reader)
     elif "content-length" in headers:
