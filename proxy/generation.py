@@ -115,6 +115,7 @@ class Generation:
         on_fallback: Callable[[str], None] | None = None,
         on_drafter_error: Callable[[str, str], None] | None = None,
         ensure_pieces: Callable[[Sequence[int]], Awaitable[None]] | None = None,
+        release: Callable[[str], None] | None = None,
     ):
         self.request = request
         self.target = target
@@ -130,6 +131,9 @@ class Generation:
         # Fetches the bytes of tokens that ``piece`` does not know yet (a target without a
         # vocabulary table); awaited before any token's text is worked out.
         self.ensure_pieces = ensure_pieces
+        # Sends the target's session release in the background (one round trip that the
+        # client need not wait for); without it the release is awaited here.
+        self.release = release
         self.stats = GenerationStats()
         self.pool = DraftPool(
             drafters, sampling=request.sampling, session=request.session, target=target,
@@ -238,8 +242,11 @@ class Generation:
                     if finish is not None:
                         return
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.target.release(req.session))
+            if self.release is not None:
+                self.release(req.session)
+            else:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.target.release(req.session))
 
     def _drafter_of(self, outcome: RoundOutcome) -> tuple[str | None, float | None]:
         """The drafter credited with this round's proposal, and how long its draft took."""

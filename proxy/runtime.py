@@ -30,6 +30,7 @@ PROBE_TEXTS = (
 )
 DEFAULT_K = 8
 DRAFTER_REST_S = 30.0
+RELEASE_GRACE_S = 2.0  # on shutdown, how long session releases still in flight may take
 
 
 @dataclasses.dataclass
@@ -88,6 +89,9 @@ class ProxyRuntime:
             self.metrics.init_drafter(d.backend.name)
         self._ready_lock = asyncio.Lock()
         self._adaptive_by_set: dict[tuple[str, ...], AdaptiveK] = {}
+        # Session releases sent after a request's last token: held here so they are
+        # not garbage-collected mid-flight, and finished (briefly) on shutdown.
+        self._releases: set[asyncio.Task[None]] = set()
 
     @property
     def model_name(self) -> str:
@@ -273,6 +277,7 @@ class ProxyRuntime:
             on_fallback=lambda reason: self.metrics.observe_fallback(name, reason),
             on_drafter_error=self._drafter_failed,
             ensure_pieces=self.pieces.ensure,
+            release=self._release_later,
         )
         if failed is not None and failed.check_error is not None:
             log.warning("draft %s is not usable (%s): this request uses the target alone",
@@ -287,7 +292,22 @@ class ProxyRuntime:
                 d.healthy = False
                 d.resting_until = time.monotonic() + DRAFTER_REST_S
 
+    def _release_later(self, session: str) -> None:
+        """Free the target's cache slot for ``session`` without holding up the answer."""
+
+        async def release() -> None:
+            try:
+                await self.target.release(session)
+            except Exception as exc:  # a lost release only costs the target a slot until reuse
+                log.debug("releasing session %s failed: %s", session, exc)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
     async def aclose(self) -> None:
+        if self._releases:
+            await asyncio.wait(self._releases, timeout=RELEASE_GRACE_S)
         for d in self.drafters:
             await d.backend.aclose()
         await self.target.aclose()
