@@ -37,8 +37,8 @@ def test_every_set_up_is_measured_side_by_side(suite):
     results, _, _ = suite
     assert set(results["baselines"]) == {"target (verifier)", "llama-server", "llama-spec n-max=2"}
     configs = results["profiles"]["wan"]["configs"]
-    assert set(configs) == {"k=2", "adaptive (no cut)", "adaptive", "adaptive+pipeline",
-                            "adaptive (no cut)+pipeline"}
+    assert set(configs) == {"k=2", "adaptive", "adaptive+cut", "adaptive+cut+pipeline",
+                            "adaptive+pipeline"}
     assert [p["kind"] for p in results["prompts"]] == ["code", "math", "factual", "list", "creative"]
     for c in configs.values():
         assert c["prompts"] == 5 and c["output_tokens"] > 0
@@ -54,13 +54,13 @@ def test_every_set_up_is_measured_side_by_side(suite):
         assert c["proxy_cpu_ms_per_round"]["p50"] > 0
         # The tiny pair has no batch noise to speak of: greedy output is the target's.
         assert c["divergent_prompts"] == 0
-    assert all(configs[n]["drafted"] > 0 for n in ("k=2", "adaptive (no cut)", "adaptive (no cut)+pipeline"))
+    assert all(configs[n]["drafted"] > 0 for n in ("k=2", "adaptive", "adaptive+pipeline"))
     # The tiny models are never 75% sure of a token: the early cut leaves nothing to draft.
-    assert configs["adaptive"]["drafted"] == 0
+    assert configs["adaptive+cut"]["drafted"] == 0
     assert configs["k=2"]["pipeline_hits"] == 0
-    assert configs["adaptive (no cut)+pipeline"]["pipeline_hits"] > 0
+    assert configs["adaptive+pipeline"]["pipeline_hits"] > 0
     # Prefetched drafts were made while the target verified: the rounds waited less for them.
-    piped = configs["adaptive (no cut)+pipeline"]
+    piped = configs["adaptive+pipeline"]
     assert piped["draft_wait_seconds"] < 0.9 * piped["draft_seconds"]
 
 

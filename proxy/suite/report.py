@@ -82,7 +82,7 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
             g[f"{name} / best fixed"] = round(configs[name]["tok_s"] / best, 3)
             if "pipeline" not in name:
                 g[f"{name} within 5% of best fixed"] = configs[name]["tok_s"] >= GOAL_ADAPTIVE * best
-        for base in ("adaptive", "adaptive (no cut)"):
+        for base in ("adaptive+cut", "adaptive"):
             if {base, f"{base}+pipeline"} <= configs.keys():
                 g[f"pipeline gain ({base})"] = round(
                     configs[f"{base}+pipeline"]["tok_s"] / configs[base]["tok_s"], 3)
@@ -168,8 +168,8 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
         fixed = sorted((int(n[2:]), c["tok_s"]) for n, c in data["configs"].items() if n.startswith("k="))
         xs = [k for k, _ in fixed]
         ax.plot(xs, [v for _, v in fixed], "o-", color=colour, label=f"{profile}: fixed k")
-        for name, style in (("adaptive (no cut)", "-."), ("adaptive", "--"), ("adaptive+pipeline", ":"),
-                            ("adaptive (no cut)+pipeline", (0, (1, 4)))):
+        for name, style in (("adaptive", "-."), ("adaptive+cut", "--"), ("adaptive+cut+pipeline", ":"),
+                            ("adaptive+pipeline", (0, (1, 4)))):
             if name in data["configs"]:
                 ax.axhline(data["configs"][name]["tok_s"], color=colour, linestyle=style, linewidth=1.2,
                            label=f"{profile}: {name}")

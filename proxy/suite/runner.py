@@ -82,17 +82,18 @@ def log(msg: str) -> None:
 def proxy_configs(ks: tuple[int, ...]) -> dict[str, dict[str, Any]]:
     """The proxy set-ups compared on every profile (name -> proxy config keys).
 
-    "adaptive" is the issue's adaptive drafting: k chosen each round from measured
-    costs, and the draft streamed and cut where its confidence falls (at llama.cpp's
-    default ``--spec-draft-p-min`` of 0.75). "adaptive (no cut)" shows what the cut adds.
+    "adaptive" is the shipped default: k chosen each round from measured costs and
+    acceptance by position. "+cut" also streams the draft and cuts it where its
+    confidence falls (at llama.cpp's default ``--spec-draft-p-min`` of 0.75);
+    "+pipeline" drafts the next round while the target verifies this one.
     """
     off = {"pipeline_drafts": False, "draft_min_confidence": 0.0}
     configs: dict[str, dict[str, Any]] = {f"k={k}": {"max_draft_tokens": k, **off} for k in ks}
-    configs["adaptive (no cut)"] = {"max_draft_tokens": "auto", **off}
-    configs["adaptive"] = {"max_draft_tokens": "auto", "pipeline_drafts": False, "draft_min_confidence": CUT}
-    configs["adaptive+pipeline"] = {"max_draft_tokens": "auto", "pipeline_drafts": True,
+    configs["adaptive"] = {"max_draft_tokens": "auto", **off}
+    configs["adaptive+cut"] = {"max_draft_tokens": "auto", "pipeline_drafts": False, "draft_min_confidence": CUT}
+    configs["adaptive+cut+pipeline"] = {"max_draft_tokens": "auto", "pipeline_drafts": True,
                                     "draft_min_confidence": CUT}
-    configs["adaptive (no cut)+pipeline"] = {"max_draft_tokens": "auto", "pipeline_drafts": True,
+    configs["adaptive+pipeline"] = {"max_draft_tokens": "auto", "pipeline_drafts": True,
                                              "draft_min_confidence": 0.0}
     return configs
 
