@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tightwad.suite import network
+from tightwad.suite import netns
 from tightwad.suite.network import NetworkLab, NetworkLabError, Profile, cleanup_stale
 
 PREFIX = "twt-"
@@ -226,7 +226,7 @@ def test_relay_carries_http(tmp_path: Path) -> None:
 
 def test_failures_are_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(NetworkLabError, match=r"`ip link show dev twt-nothing` failed .*twt-nothing"):
-        network._cmd("ip", "link", "show", "dev", "twt-nothing")
+        netns.run_ip("ip", "link", "show", "dev", "twt-nothing")
     with pytest.raises(ValueError, match="hub"):
         NetworkLab("lan", ("draft", "target"))
     with pytest.raises(ValueError, match="no network profile 'moon': none, loopback, lan"):

@@ -30,7 +30,6 @@ Servers must listen on ``0.0.0.0`` (so netem's veth address and the relay's
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import re
@@ -44,13 +43,23 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tightwad.suite.netns import (
+    NetworkLabError,
+    cleanup_stale,
+    remove_namespace,
+    require_root,
+    run_ip,
+    socket_in,
+    stop_processes,
+)
+
+__all__ = ["PROFILES", "NetworkLab", "NetworkLabError", "Profile", "cleanup_stale"]
+
 Method = Literal["netem", "relay", "none"]
 
-_CLONE_NEWNET = 0x40000000
 _HOST_NAME = re.compile(r"[a-z][a-z0-9_]{0,11}")
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]*[A-Za-z0-9_.]-")
 _labs = itertools.count()
@@ -68,90 +77,6 @@ PROFILES: dict[str, Profile] = {
     for p in (Profile("none", 0), Profile("loopback", 0), Profile("lan", 0.3),
               Profile("wifi", 3.0, 1.0), Profile("wan", 25.0))
 }
-
-
-class NetworkLabError(RuntimeError):
-    pass
-
-
-def _cmd(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise NetworkLabError(f"`{argv[0]}` not found: the network lab needs iproute2") from None
-    except subprocess.TimeoutExpired:
-        raise NetworkLabError(f"`{shlex.join(argv)}` did not finish in 30 s") from None
-    if check and proc.returncode:
-        detail = proc.stderr.strip() or proc.stdout.strip()
-        raise NetworkLabError(f"`{shlex.join(argv)}` failed (exit {proc.returncode}): {detail}")
-    return proc
-
-
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        raise NetworkLabError("the network lab creates network namespaces: run it as root")
-
-
-def _namespaces() -> list[str]:
-    # Lines read "NAME" or "NAME (id: N)".
-    return [line.split()[0] for line in _cmd("ip", "netns", "list").stdout.splitlines() if line]
-
-
-def _remove_namespace(ns: str) -> None:
-    """Kill what still runs inside `ns` (it would keep the namespace alive), then delete it."""
-    pids = [int(p) for p in _cmd("ip", "netns", "pids", ns, check=False).stdout.split()]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 5
-    while any(map(_running, pids)) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    _cmd("ip", "netns", "del", ns)
-
-
-def _running(pid: int) -> bool:
-    # A zombie has left its namespaces already; it only waits for its parent.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def cleanup_stale(prefix: str = "twb-") -> list[str]:
-    """Remove namespaces named ``{prefix}{pid}-...`` whose creating process has died."""
-    _require_root()
-    stale = []
-    for ns in _namespaces():
-        # Only names a lab makes: another prefix that merely starts with ours is not ours.
-        match = re.fullmatch(re.escape(prefix) + r"(\d+)-\d+-[a-z0-9_]+", ns)
-        if match is None or _running(int(match[1])):
-            continue  # a lab that is still running, maybe a concurrent benchmark
-        _remove_namespace(ns)
-        stale.append(ns)
-    if stale:
-        print(f"→ network lab: removed {len(stale)} stale namespaces: {' '.join(stale)}",
-              file=sys.stderr)
-    return stale
-
-
-def _socket_in(ns: str) -> socket.socket:
-    # A socket belongs to the namespace of the thread that created it, so a
-    # throwaway thread enters the namespace and makes it; our own threads stay put.
-    def make() -> socket.socket:
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns into {ns}: {os.strerror(err)}")
-        finally:
-            os.close(fd)
-        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-
-    with ThreadPoolExecutor(1, thread_name_prefix="netns") as thread:
-        return thread.submit(make).result()
 
 
 class NetworkLab:
@@ -197,7 +122,7 @@ class NetworkLab:
     # -- lifecycle -------------------------------------------------------------
 
     def __enter__(self) -> NetworkLab:
-        _require_root()
+        require_root()
         cleanup_stale(self.prefix)
         self._trap_signals()
         try:
@@ -226,18 +151,18 @@ class NetworkLab:
         p = self.profile
         for host in self.hosts:
             ns = self.namespace(host)
-            _cmd("ip", "netns", "add", ns)
+            run_ip("ip", "netns", "add", ns)
             self._created.append(ns)
-            _cmd("ip", "-n", ns, "link", "set", "lo", "up")
+            run_ip("ip", "-n", ns, "link", "set", "lo", "up")
         hub_ns = self.namespace(self.hub)
         for host, i in self._links.items():
             ns, hub_end, host_end = self.namespace(host), f"v-{host}", f"v-{self.hub}"
-            _cmd("ip", "-n", hub_ns, "link", "add", "name", hub_end, "type", "veth",
+            run_ip("ip", "-n", hub_ns, "link", "add", "name", hub_end, "type", "veth",
                  "peer", "name", host_end, "netns", ns)
-            _cmd("ip", "-n", hub_ns, "addr", "add", f"198.18.{i}.1/24", "dev", hub_end)
-            _cmd("ip", "-n", ns, "addr", "add", f"198.18.{i}.2/24", "dev", host_end)
-            _cmd("ip", "-n", hub_ns, "link", "set", hub_end, "up")
-            _cmd("ip", "-n", ns, "link", "set", host_end, "up")
+            run_ip("ip", "-n", hub_ns, "addr", "add", f"198.18.{i}.1/24", "dev", hub_end)
+            run_ip("ip", "-n", ns, "addr", "add", f"198.18.{i}.2/24", "dev", host_end)
+            run_ip("ip", "-n", hub_ns, "link", "set", hub_end, "up")
+            run_ip("ip", "-n", ns, "link", "set", host_end, "up")
         self.method = self._apply_delay()
         if self._progress:
             jitter = f" ± {p.jitter_ms:g} ms" if p.jitter_ms else ""
@@ -259,7 +184,7 @@ class NetworkLab:
         for host in self._links:
             for ns, dev in ((hub_ns, f"v-{host}"), (self.namespace(host), f"v-{self.hub}")):
                 argv = ("tc", "-n", ns, "qdisc", "add", "dev", dev, *netem)
-                result = _cmd(*argv, check=False)
+                result = run_ip(*argv, check=False)
                 error = result.stderr.strip()
                 # Only the very first qdisc can meet a kernel without netem.
                 if result.returncode and self._want == "auto" and "unknown" in error.lower():
@@ -274,10 +199,10 @@ class NetworkLab:
         if main:
             signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
-            stopped, errors = _stop(self._procs), []
+            stopped, errors = stop_processes(self._procs), []
             for ns in reversed(self._created):
                 try:
-                    _remove_namespace(ns)
+                    remove_namespace(ns)
                 except NetworkLabError as exc:
                     errors.append(str(exc))
             removed = len(self._created) - len(errors)
@@ -338,7 +263,7 @@ class NetworkLab:
     def connect(self, host: str, address: tuple[str, int], timeout: float = 5.0) -> socket.socket:
         """A TCP connection from inside `host` (e.g. the hub) to `address`, made
         by this process: tests and probes need no helper process in the hub."""
-        sock = _socket_in(self.namespace(host))
+        sock = socket_in(self.namespace(host))
         try:
             sock.settimeout(timeout)
             sock.connect(address)
@@ -411,30 +336,6 @@ def _main_thread() -> bool:
 
 def _raise_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
-
-
-def _stop(procs: list[subprocess.Popen[Any]], grace: float = 3.0) -> int:
-    """SIGTERM each process group, SIGKILL what outlives `grace`; count those stopped."""
-    running = [p for p in procs if p.poll() is None]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for proc in running:
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        for proc in running:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        if all(p.poll() is not None for p in running):
-            break
-    for proc in procs:
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
-    return len(running)
 
 
 def _echo_server() -> None:
