@@ -53,6 +53,12 @@ def _generation(target: HeldReleaseTarget, release=None) -> Generation:
                       choose_k=4, draft_timeout_s=5, fallback_on_draft_failure=True, release=release)
 
 
+def _runtime(target: HeldReleaseTarget) -> ProxyRuntime:
+    config = parse_config({"proxy": {"draft": {"url": "http://127.0.0.1:9"},
+                                     "target": {"url": "http://127.0.0.1:9"}}}).require_proxy("test")
+    return ProxyRuntime(config, target, [])  # type: ignore[arg-type]
+
+
 async def _collect(generation: Generation) -> list[int]:
     return [t for event in [e async for e in generation.events()] for t in event.tokens]
 
@@ -60,9 +66,7 @@ async def _collect(generation: Generation) -> list[int]:
 def test_the_answer_does_not_wait_for_the_release_and_shutdown_finishes_it():
     async def go() -> None:
         target = HeldReleaseTarget()
-        config = parse_config({"proxy": {"draft": {"url": "http://127.0.0.1:9"},
-                                         "target": {"url": "http://127.0.0.1:9"}}}).require_proxy("test")
-        runtime = ProxyRuntime(config, target, [])  # type: ignore[arg-type]
+        runtime = _runtime(target)
         # The release is still blocked: a generation that awaited it would hang here.
         tokens = await asyncio.wait_for(_collect(_generation(target, runtime._release_later)), 5)
         assert tokens == [4, 5, 6, 7, 8]
@@ -78,9 +82,7 @@ def test_the_answer_does_not_wait_for_the_release_and_shutdown_finishes_it():
 def test_shutdown_does_not_hang_on_a_release_that_never_ends():
     async def go() -> None:
         target = HeldReleaseTarget()
-        config = parse_config({"proxy": {"draft": {"url": "http://127.0.0.1:9"},
-                                         "target": {"url": "http://127.0.0.1:9"}}}).require_proxy("test")
-        runtime = ProxyRuntime(config, target, [])  # type: ignore[arg-type]
+        runtime = _runtime(target)
         await _collect(_generation(target, runtime._release_later))
         await asyncio.wait_for(runtime.aclose(), 10)
         assert target.released == []
