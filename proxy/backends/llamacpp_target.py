@@ -20,13 +20,11 @@ piece is that model's token, which llama.cpp marks end-of-generation. No
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 from tightwad.backends._http import (
-    HttpClient,
     expect_dict,
     expect_field,
     expect_number,
@@ -35,6 +33,7 @@ from tightwad.backends._http import (
     stable_slot,
 )
 from tightwad.backends._llama_text import LlamaServerText
+from tightwad.backends._target_http import HttpTarget
 from tightwad.backends.base import (
     EOG_TEXTS,
     GeneratedToken,
@@ -47,31 +46,16 @@ from tightwad.errors import BackendProtocolError
 from tightwad.speculation.types import DraftToken, TargetPosition
 
 
-class LlamaCppTarget(LlamaServerText):
+class LlamaCppTarget(HttpTarget, LlamaServerText):
     kind = "llamacpp"
 
     def __init__(
         self, url: str, *, model_name: str | None = None, timeout_s: float = 120.0,
         api_key: str | None = None,
     ):
-        self.http = HttpClient(url, timeout_s=timeout_s, api_key=api_key)
-        self.url = self.http.url
+        super().__init__(url, timeout_s=timeout_s, api_key=api_key)
         self.props = LlamaCppProps(self.http)
         self._model_name = model_name
-        self._info: TargetInfo | None = None
-        self._lock = asyncio.Lock()
-
-    def __repr__(self) -> str:
-        return f"LlamaCppTarget(url={self.url!r})"
-
-    async def health(self) -> bool:
-        return await self.http.ok("/health")
-
-    async def info(self) -> TargetInfo:
-        async with self._lock:
-            if self._info is None:
-                self._info = await self._fetch_info()
-            return self._info
 
     async def _fetch_info(self) -> TargetInfo:
         props = await self.props.props()
@@ -144,8 +128,6 @@ class LlamaCppTarget(LlamaServerText):
     async def release(self, session: str) -> None:
         return None  # slots are bound by id_slot per request; nothing to release
 
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
 
 def _generated(token: int, entry: Any, where: str) -> GeneratedToken:

@@ -23,12 +23,10 @@ is 0 (unknown) there.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
 from tightwad.backends._http import (
-    HttpClient,
     HttpStatusError,
     expect_dict,
     expect_field,
@@ -37,6 +35,7 @@ from tightwad.backends._http import (
     garbage,
     round_seed,
 )
+from tightwad.backends._target_http import HttpTarget
 from tightwad.backends.base import (
     EOG_TEXTS,
     GeneratedToken,
@@ -51,37 +50,27 @@ from tightwad.speculation.types import DraftToken, TargetPosition
 _TOKEN_ID = "token_id:"
 
 
-class OpenAIEchoTarget:
+class OpenAIEchoTarget(HttpTarget):
     kind = "openai-echo"
 
     def __init__(
         self, url: str, *, model_name: str | None = None, timeout_s: float = 120.0,
         api_key: str | None = None,
     ):
-        self.http = HttpClient(url, timeout_s=timeout_s, api_key=api_key)
-        self.url = self.http.url
+        super().__init__(url, timeout_s=timeout_s, api_key=api_key)
         self._api_key = api_key
         self._model = model_name
-        self._info: TargetInfo | None = None
         self._llama_shapes: bool | None = None  # None until /tokenize has answered once
-        self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"OpenAIEchoTarget(url={self.url!r}, model={self._model!r})"
 
-    async def health(self) -> bool:
-        return await self.http.ok("/v1/models")
+    health_path = "/v1/models"
 
     async def model(self) -> str:
         if self._model is None:
             self._model = await first_model_id(self.http)
         return self._model
-
-    async def info(self) -> TargetInfo:
-        async with self._lock:
-            if self._info is None:
-                self._info = await self._fetch_info()
-            return self._info
 
     async def _fetch_info(self) -> TargetInfo:
         try:
@@ -240,8 +229,6 @@ class OpenAIEchoTarget:
     async def release(self, session: str) -> None:
         return None  # the server caches prefixes itself; there is no session to free
 
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
 
 def _token_id(s: Any, where: str) -> int:

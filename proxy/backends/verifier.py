@@ -14,7 +14,6 @@ which the verifier returns target probabilities and a tail sample.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -22,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from tightwad.backends._http import (
-    HttpClient,
     expect_dict,
     expect_field,
     expect_number,
@@ -30,30 +28,13 @@ from tightwad.backends._http import (
     garbage,
 )
 from tightwad.backends._llama_text import LlamaServerText
+from tightwad.backends._target_http import HttpTarget
 from tightwad.backends.base import GeneratedToken, Sampling, TargetInfo
 from tightwad.speculation.types import DraftToken, TargetPosition
 
 
-class VerifierTarget(LlamaServerText):
+class VerifierTarget(HttpTarget, LlamaServerText):
     kind = "verifier"
-
-    def __init__(self, url: str, *, timeout_s: float = 120.0, api_key: str | None = None):
-        self.http = HttpClient(url, timeout_s=timeout_s, api_key=api_key)
-        self.url = self.http.url
-        self._info: TargetInfo | None = None
-        self._lock = asyncio.Lock()
-
-    def __repr__(self) -> str:
-        return f"VerifierTarget(url={self.url!r})"
-
-    async def health(self) -> bool:
-        return await self.http.ok("/health")
-
-    async def info(self) -> TargetInfo:
-        async with self._lock:
-            if self._info is None:
-                self._info = await self._fetch_info()
-            return self._info
 
     async def _fetch_info(self) -> TargetInfo:
         where = self.url + "/v1/tightwad/info"
@@ -170,8 +151,6 @@ class VerifierTarget(LlamaServerText):
     async def release(self, session: str) -> None:
         await self.http.post("/v1/tightwad/release", {"session": session})
 
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
 
 def _position(raw: Any, where: str, *, sampled: bool) -> TargetPosition:
