@@ -87,7 +87,9 @@ class DraftPool:
     async def _one(self, drafter: DraftBackend, context: tuple[int, ...], k: int) -> list[DraftToken] | None:
         """``drafter``'s proposal, or None once it failed (and was dropped)."""
         try:
-            return list(await asyncio.wait_for(drafter.draft(self._request(context, k)), self.timeout_s))
+            # asyncio.timeout, not wait_for: the draft runs in this task, not a new one per round.
+            async with asyncio.timeout(self.timeout_s):
+                return list(await drafter.draft(self._request(context, k)))
         except (TimeoutError, BackendError) as exc:
             if not self.fallback:
                 raise

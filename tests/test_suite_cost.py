@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tightwad import tinymodels
-from tightwad.suite.cost import measure_proxy_cost
+from tightwad.suite.cost import idle_wait_charge_ms, measure_proxy_cost
 
 
 def _gone(pid: int) -> bool:
@@ -44,6 +44,10 @@ def test_measures_cpu_streams_and_memory_then_stops_everything(tmp_path: Path, p
     assert cpu["requests"] == 20 and cpu["rounds"] >= 20
     assert cpu["p50_ms"] > 0 and cpu["p95_ms"] >= cpu["p50_ms"]
     assert isinstance(cpu["meets_goal"], bool)
+    # What the machine charges for the round's two idle waits alone: measured, and a
+    # small part of a round (a thread that does nothing is charged far less than one
+    # that drafts, verifies and answers).
+    assert 0 <= cpu["idle_wait_charge_ms"] < cpu["p50_ms"]
 
     streams = result["streams"]
     assert streams["streams"] == 16
@@ -84,3 +88,11 @@ def test_interrupt_stops_every_process(tmp_path: Path, pair: tuple[Path, Path]) 
     assert len(pids) == 3
     assert all(_gone(pid) for pid in pids), pids
     assert not list((tmp_path / "logs").glob("*.pid"))
+
+
+def test_idle_wait_charge_is_measured_per_pair_of_waits() -> None:
+    assert idle_wait_charge_ms([]) == 0.0
+    charge = idle_wait_charge_ms([0.001, 0.002], repeats=20)
+    # Sleeping costs a little CPU (the syscalls, and on a VM the wake-ups), never
+    # anywhere near the 3 ms of the waits themselves.
+    assert 0 <= charge < 1.0

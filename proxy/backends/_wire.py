@@ -112,17 +112,22 @@ class JsonWire:
 
 async def _read_response(head: bytes, reader: asyncio.StreamReader) -> tuple[WireResponse, bool]:
     """(the answer, whether the connection may be reused); ``head`` ends with the blank line."""
-    status_line, *lines = head.decode("latin-1").split("\r\n")
+    status_line, _, fields = head.decode("latin-1").partition("\r\n")
     try:
         version, code, *_ = status_line.split(" ", 2)
         status = int(code)
     except ValueError as exc:
         raise WireProtocolError(f"bad status line {status_line[:80]!r}") from exc
+    # Only three headers matter here; the rest are not parsed at all.
     headers: dict[str, str] = {}
-    for line in lines:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+    lowered = fields.lower()
+    for name in ("content-length", "transfer-encoding", "connection"):
+        at = lowered.find(name + ":")
+        while at > 0 and lowered[at - 1] != "\n":  # a match inside another header's line
+            at = lowered.find(name + ":", at + 1)
+        if at >= 0:
+            end = fields.find("\r\n", at)
+            headers[name] = fields[at + len(name) + 1 : end if end >= 0 else None].strip()
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = await _read_chunked(reader)
     elif "content-length" in headers:

@@ -157,12 +157,10 @@ def _position(raw: Any, where: str, *, sampled: bool) -> TargetPosition:
     raw = expect_dict(raw, where)
     token = expect_field(raw, "token", int, where)
     logprob = _optional_number(raw.get("logprob"), where)
-    extras = {
-        "draft_logprob": _optional_number(raw.get("draft_logprob"), where),
-        "top_logprobs": _pairs(raw.get("top_logprobs"), where),
-    }
+    draft_logprob = _optional_number(raw.get("draft_logprob"), where)
+    top = _pairs(raw.get("top_logprobs"), where)
     if not sampled:
-        return TargetPosition(token=token, logprob=logprob, **extras)
+        return TargetPosition(token, logprob, draft_logprob=draft_logprob, top_logprobs=top)
     if "probs" not in raw:
         raise garbage(where, "a sampled verify position has no 'probs'", raw)
     probs = dict(_pairs(raw.get("probs"), where))
@@ -170,12 +168,15 @@ def _position(raw: Any, where: str, *, sampled: bool) -> TargetPosition:
     if tail is not None and (not isinstance(tail, int) or isinstance(tail, bool) or tail in probs):
         raise garbage(where, "tail_sample must be a token outside the support", raw)
     return TargetPosition(token=token, logprob=logprob, probs=probs, tail_sample=tail,
-                          tail_logprob=_optional_number(raw.get("tail_logprob"), where), **extras)
+                          tail_logprob=_optional_number(raw.get("tail_logprob"), where),
+                          draft_logprob=draft_logprob, top_logprobs=top)
 
 
 def _pairs(raw: Any, where: str) -> tuple[tuple[int, float], ...]:
-    if raw is None:
-        return ()
+    if not raw:
+        if raw is None or raw == []:
+            return ()
+        raise garbage(where, "expected [[id, value], ...]", raw)
     if not isinstance(raw, list):
         raise garbage(where, "expected [[id, value], ...]", raw)
     out = []
@@ -187,4 +188,6 @@ def _pairs(raw: Any, where: str) -> tuple[tuple[int, float], ...]:
 
 
 def _optional_number(raw: Any, where: str) -> float | None:
-    return None if raw is None else expect_number(raw, where, "a logprob")
+    if raw is None or type(raw) is float:  # the usual cases, without the general checks
+        return raw
+    return expect_number(raw, where, "a logprob")

@@ -139,7 +139,8 @@ def table(results: dict[str, Any]) -> str:
         rss = memory["samples"]
         lines += ["", "The proxy's own cost (loopback, tiny model pair):",
                   f"  CPU per round (the proxy's own count): p50 {cpu['p50_ms']} ms, p95 {cpu['p95_ms']} ms "
-                  f"over {cpu['rounds']} rounds",
+                  f"over {cpu['rounds']} rounds; a thread that only waits the round's two waits is "
+                  f"charged {cpu.get('idle_wait_charge_ms', '-')} ms here",
                   f"  {streams['streams']} concurrent streams: {streams['errors']} errors, "
                   f"{streams['mismatches']} not equal to the target alone, {streams['tokens_per_s']} tok/s",
                   f"  {memory['requests']} requests: RSS {rss[0]['rss_mib']} → {rss[-1]['rss_mib']} MiB "
