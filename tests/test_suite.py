@@ -40,7 +40,7 @@ def test_every_set_up_is_measured_side_by_side(suite):
     assert set(configs) == {"k=2", "adaptive", "adaptive+cut", "adaptive+cut+pipeline",
                             "adaptive+pipeline"}
     assert [p["kind"] for p in results["prompts"]] == ["code", "math", "factual", "list", "creative"]
-    for c in configs.values():
+    for name, c in configs.items():
         assert c["prompts"] == 5 and c["output_tokens"] > 0
         assert c["tok_s"] == pytest.approx(c["output_tokens"] / c["seconds"], rel=1e-2)
         if c["drafted"]:
@@ -50,7 +50,12 @@ def test_every_set_up_is_measured_side_by_side(suite):
         assert c["tokens_per_round"] == pytest.approx(c["output_tokens"] / c["rounds"])
         # Time waiting for drafts plus verifying cannot exceed the wall time it is part of.
         assert 0 < c["efficiency"] <= 1.0
-        assert c["draft_wait_seconds"] <= c["draft_seconds"] * 1.05 + 0.05
+        if "pipeline" not in name:
+            # Without pipelining a round waits only for its own draft call. A pipelined
+            # round first waits for the prefetched draft (to learn whether its guess
+            # held) and, when it did not, drafts again: only that second call's time
+            # is the round's draft time (speculation/loop.py).
+            assert c["draft_wait_seconds"] <= c["draft_seconds"] * 1.05 + 0.05
         assert c["proxy_cpu_ms_per_round"]["p50"] > 0
         # The tiny pair has no batch noise to speak of: greedy output is the target's.
         assert c["divergent_prompts"] == 0
