@@ -26,10 +26,6 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def dumps_str(value: Any) -> str:
-    return dumps(value).decode()
-
-
 def loads(data: bytes | str) -> Any:
     """Parse JSON; raises ``json.JSONDecodeError`` (or UnicodeDecodeError) on bad input."""
     try:

@@ -118,16 +118,11 @@ async def _read_response(head: bytes, reader: asyncio.StreamReader) -> tuple[Wir
         status = int(code)
     except ValueError as exc:
         raise WireProtocolError(f"bad status line {status_line[:80]!r}") from exc
-    # Only three headers matter here; the rest are not parsed at all.
     headers: dict[str, str] = {}
-    lowered = fields.lower()
-    for name in ("content-length", "transfer-encoding", "connection"):
-        at = lowered.find(name + ":")
-        while at > 0 and lowered[at - 1] != "\n":  # a match inside another header's line
-            at = lowered.find(name + ":", at + 1)
-        if at >= 0:
-            end = fields.find("\r\n", at)
-            headers[name] = fields[at + len(name) + 1 : end if end >= 0 else None].strip()
+    for line in fields.split("\r\n"):
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = await _read_chunked(reader)
     elif "content-length" in headers:

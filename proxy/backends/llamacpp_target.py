@@ -129,7 +129,6 @@ class LlamaCppTarget(HttpTarget, LlamaServerText):
         return None  # slots are bound by id_slot per request; nothing to release
 
 
-
 def _generated(token: int, entry: Any, where: str) -> GeneratedToken:
     """``{id, logprob, top_logprobs: [{id, logprob}]}`` (pre-sampling logprobs)."""
     entry = expect_dict(entry, where)

@@ -52,6 +52,7 @@ _TOKEN_ID = "token_id:"
 
 class OpenAIEchoTarget(HttpTarget):
     kind = "openai-echo"
+    health_path = "/v1/models"
 
     def __init__(
         self, url: str, *, model_name: str | None = None, timeout_s: float = 120.0,
@@ -64,8 +65,6 @@ class OpenAIEchoTarget(HttpTarget):
 
     def __repr__(self) -> str:
         return f"OpenAIEchoTarget(url={self.url!r}, model={self._model!r})"
-
-    health_path = "/v1/models"
 
     async def model(self) -> str:
         if self._model is None:
@@ -228,7 +227,6 @@ class OpenAIEchoTarget(HttpTarget):
 
     async def release(self, session: str) -> None:
         return None  # the server caches prefixes itself; there is no session to free
-
 
 
 def _token_id(s: Any, where: str) -> int:

@@ -152,7 +152,6 @@ class VerifierTarget(HttpTarget, LlamaServerText):
         await self.http.post("/v1/tightwad/release", {"session": session})
 
 
-
 def _position(raw: Any, where: str, *, sampled: bool) -> TargetPosition:
     raw = expect_dict(raw, where)
     token = expect_field(raw, "token", int, where)
@@ -173,10 +172,8 @@ def _position(raw: Any, where: str, *, sampled: bool) -> TargetPosition:
 
 
 def _pairs(raw: Any, where: str) -> tuple[tuple[int, float], ...]:
-    if not raw:
-        if raw is None or raw == []:
-            return ()
-        raise garbage(where, "expected [[id, value], ...]", raw)
+    if raw is None:
+        return ()
     if not isinstance(raw, list):
         raise garbage(where, "expected [[id, value], ...]", raw)
     out = []
