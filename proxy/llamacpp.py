@@ -10,6 +10,11 @@ from tightwad.errors import TightwadError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO_ROOT / "images" / "llama.cpp" / "build.sh"
+# llama-server flags for a drafter behind the proxy. No host-RAM prompt cache: every
+# proxied request is a new prompt, each added an entry that later requests searched,
+# and drafting grew ~50x slower over 10,000 requests (4 -> 200 ms/token). The slots'
+# own prefix reuse stays on. compose.yaml's drafter carries the same flags.
+DRAFT_SERVER_FLAGS = ("--cache-ram", "0")
 
 
 class LlamaBuildMissing(TightwadError):

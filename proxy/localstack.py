@@ -48,9 +48,7 @@ def daemons(config: Config, config_path: str | None) -> list[Daemon]:
         "draft",
         [str(llamacpp.binary("llama-server")), "-m", str(draft_model), "--host", draft_host,
          "--port", str(draft_port), "-c", "4096", "-t", threads, "--metrics", "--no-webui",
-         # No host-RAM prompt cache: every proxied request is a new prompt, and the
-         # growing cache made drafts ~50x slower over 10,000 requests (suite/cost.py).
-         "--cache-ram", "0",
+         *llamacpp.DRAFT_SERVER_FLAGS,
          "--alias", draft_cfg.model_name or draft_model.stem],
         f"{draft_cfg.url}/health",
         RUN_DIR,

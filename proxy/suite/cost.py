@@ -71,11 +71,7 @@ def _daemons(draft_model: Path, target_model: Path, logs: Path, slots: int) -> t
     draft = Daemon("draft", [
         str(llamacpp.binary("llama-server")), "-m", str(draft_model), "--host", "127.0.0.1",
         "--port", str(draft_port), "-t", threads, "--parallel", str(slots),
-        "-c", str(DRAFT_CTX_PER_SLOT * slots), "--no-webui",
-        # No host-memory prompt cache: every distinct prompt would add an entry that
-        # each later request searches, and the drafter's decode time grew ~50x over
-        # 10,000 requests (4 -> 200 ms/token), drowning what the proxy costs.
-        "--cache-ram", "0",
+        "-c", str(DRAFT_CTX_PER_SLOT * slots), "--no-webui", *llamacpp.DRAFT_SERVER_FLAGS,
     ], f"{draft_url}/health", logs)
     verifier = Daemon("verifier", python_argv(
         "verifier", "--model", str(target_model), "--host", "127.0.0.1", "--port", str(target_port),

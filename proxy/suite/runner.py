@@ -89,12 +89,11 @@ def proxy_configs(ks: tuple[int, ...]) -> dict[str, dict[str, Any]]:
     """
     off = {"pipeline_drafts": False, "draft_min_confidence": 0.0}
     configs: dict[str, dict[str, Any]] = {f"k={k}": {"max_draft_tokens": k, **off} for k in ks}
-    configs["adaptive"] = {"max_draft_tokens": "auto", **off}
-    configs["adaptive+cut"] = {"max_draft_tokens": "auto", "pipeline_drafts": False, "draft_min_confidence": CUT}
-    configs["adaptive+cut+pipeline"] = {"max_draft_tokens": "auto", "pipeline_drafts": True,
-                                    "draft_min_confidence": CUT}
-    configs["adaptive+pipeline"] = {"max_draft_tokens": "auto", "pipeline_drafts": True,
-                                             "draft_min_confidence": 0.0}
+    for cut in (False, True):
+        for pipeline in (False, True):
+            name = "adaptive" + "+cut" * cut + "+pipeline" * pipeline
+            configs[name] = {"max_draft_tokens": "auto", "pipeline_drafts": pipeline,
+                             "draft_min_confidence": CUT if cut else 0.0}
     return configs
 
 
