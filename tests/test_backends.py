@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.server
 import json
 import math
 import random
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from servers import ServerProcess, free_port, handler_server
+from servers import QuietHandler, ServerProcess, free_port, handler_server
 
 from tightwad.backends.base import DraftRequest, Sampling, positions_from_generation
 from tightwad.backends.factory import make_drafter, make_target
@@ -283,7 +282,7 @@ def test_factory_builds_each_kind():
 # -- error mapping --------------------------------------------------------------------
 
 
-class _Misbehaving(http.server.BaseHTTPRequestHandler):
+class _Misbehaving(QuietHandler):
     """The first path segment picks the misbehaviour."""
 
     def _answer(self) -> None:
@@ -309,17 +308,9 @@ class _Misbehaving(http.server.BaseHTTPRequestHandler):
                 body = json.dumps({"tokens": [5], "completion_probabilities": [
                     {"id": 5, "prob": 0.1, "top_probs": [{"id": 6, "prob": 0.6}, {"id": 7, "prob": 0.4}]}
                 ]}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self.wfile.write(body)
+        self.answer_json(body, status)
 
     do_GET = do_POST = _answer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

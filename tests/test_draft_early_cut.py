@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.server
 import json
 import math
 import time
@@ -22,7 +21,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from servers import free_port, handler_server
+from servers import QuietHandler, free_port, handler_server
 
 from tightwad.backends._http import stable_slot
 from tightwad.backends.base import DraftRequest, Sampling
@@ -210,7 +209,7 @@ STREAMS: dict[str, list[Any]] = {
 }
 
 
-class _Streaming(http.server.BaseHTTPRequestHandler):
+class _Streaming(QuietHandler):
     """The first path segment picks the misbehaviour; answers close the connection."""
 
     protocol_version = "HTTP/1.0"
@@ -244,9 +243,6 @@ class _Streaming(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
             self.wfile.flush()
             time.sleep(then_sleep)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.server
 import json
 from typing import Any
 
 import httpx
 import pytest
-from servers import handler_server
+from servers import QuietHandler, handler_server
 
 from tightwad.backends.base import Sampling
 from tightwad.backends.verifier import VerifierTarget
@@ -254,18 +253,10 @@ def test_verifier_target_verify_many_end_to_end(smol):
 def test_verifier_target_verify_many_refuses_garbage(reply, match):
     seen: list[dict] = []
 
-    class Answer(http.server.BaseHTTPRequestHandler):
+    class Answer(QuietHandler):
         def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
             seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            body = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
+            self.answer_json(json.dumps(reply).encode())
 
     async def go(url: str) -> None:
         async with contextlib.aclosing(VerifierTarget(url)) as target:
