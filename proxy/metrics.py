@@ -34,9 +34,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
 
 from tightwad.generation import RoundRecord
+from tightwad.loop_metrics import LoopCounter, LoopHistogram
 
 CPU_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05)
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -57,29 +58,29 @@ class ProxyMetrics:
         self.target = target_backend
         r = self.registry
         md = ["model", "drafter"]
-        self.num_drafts = Counter("tightwad_spec_decode_num_drafts", "Rounds with at least one drafted token", md, registry=r)
-        self.num_draft_tokens = Counter("tightwad_spec_decode_num_draft_tokens", "Drafted tokens sent to the target", md, registry=r)
-        self.num_accepted_tokens = Counter("tightwad_spec_decode_num_accepted_tokens", "Drafted tokens the target agreed with", md, registry=r)
-        self.num_accepted_per_pos = Counter(
+        self.num_drafts = LoopCounter("tightwad_spec_decode_num_drafts", "Rounds with at least one drafted token", md, r)
+        self.num_draft_tokens = LoopCounter("tightwad_spec_decode_num_draft_tokens", "Drafted tokens sent to the target", md, r)
+        self.num_accepted_tokens = LoopCounter("tightwad_spec_decode_num_accepted_tokens", "Drafted tokens the target agreed with", md, r)
+        self.num_accepted_per_pos = LoopCounter(
             "tightwad_spec_decode_num_accepted_tokens_per_pos", "Accepted drafted tokens by draft position",
-            [*md, "position"], registry=r)
-        self.num_emitted_tokens = Counter("tightwad_spec_decode_num_emitted_tokens", "Tokens emitted by rounds (accepted plus the target's own)", md, registry=r)
-        self.rounds = Counter("tightwad_rounds", "Speculation rounds, including those with no draft", md, registry=r)
-        self.tokens_per_round = Histogram("tightwad_tokens_per_round", "Tokens emitted per round", md, buckets=TOKENS_PER_ROUND_BUCKETS, registry=r)
-        self.draft_latency = Histogram("tightwad_draft_latency_seconds", "Time to get one draft", md, buckets=LATENCY_BUCKETS, registry=r)
-        self.verify_latency = Histogram("tightwad_verify_latency_seconds", "Time of one verify call", ["model", "target"], buckets=LATENCY_BUCKETS, registry=r)
-        self.round_latency = Histogram("tightwad_round_latency_seconds", "Wall time of one round", md, buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("tightwad_time_to_first_token_seconds", "Request start to first token", ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("tightwad_inter_token_latency_seconds", "Time between released tokens", ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("tightwad_e2e_request_latency_seconds", "Request start to last token", ["model"], buckets=E2E_BUCKETS, registry=r)
-        self.requests = Counter("tightwad_requests", "Requests by endpoint and HTTP status", ["model", "endpoint", "status"], registry=r)
-        self.fallbacks = Counter("tightwad_fallbacks", "Requests that went on with the target alone, by reason", [*md, "reason"], registry=r)
-        self.drafter_wins = Counter("tightwad_drafter_accepted_tokens", "Accepted tokens credited to each drafter", md, registry=r)
-        self.drafter_rounds_won = Counter("tightwad_drafter_rounds_won", "Rounds whose kept proposal was this drafter's (several drafters)", md, registry=r)
-        self.drafter_errors = Counter("tightwad_drafter_errors", "Drafts that failed mid-request; the request went on without that drafter", [*md, "reason"], registry=r)
-        self.pipeline_hits = Counter("tightwad_pipeline_hits", "Rounds whose draft was made during the previous round's verification", md, registry=r)
-        self.round_cpu = Histogram("tightwad_proxy_round_cpu_seconds", "CPU time of the proxy's event loop per round", ["model"], buckets=CPU_BUCKETS, registry=r)
-        self.round_overhead = Histogram("tightwad_proxy_round_overhead_seconds", "Round wall time spent neither drafting nor verifying", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+            [*md, "position"], r)
+        self.num_emitted_tokens = LoopCounter("tightwad_spec_decode_num_emitted_tokens", "Tokens emitted by rounds (accepted plus the target's own)", md, r)
+        self.rounds = LoopCounter("tightwad_rounds", "Speculation rounds, including those with no draft", md, r)
+        self.tokens_per_round = LoopHistogram("tightwad_tokens_per_round", "Tokens emitted per round", md, r, buckets=TOKENS_PER_ROUND_BUCKETS)
+        self.draft_latency = LoopHistogram("tightwad_draft_latency_seconds", "Time to get one draft", md, r, buckets=LATENCY_BUCKETS)
+        self.verify_latency = LoopHistogram("tightwad_verify_latency_seconds", "Time of one verify call", ["model", "target"], r, buckets=LATENCY_BUCKETS)
+        self.round_latency = LoopHistogram("tightwad_round_latency_seconds", "Wall time of one round", md, r, buckets=LATENCY_BUCKETS)
+        self.ttft = LoopHistogram("tightwad_time_to_first_token_seconds", "Request start to first token", ["model"], r, buckets=LATENCY_BUCKETS)
+        self.itl = LoopHistogram("tightwad_inter_token_latency_seconds", "Time between released tokens", ["model"], r, buckets=LATENCY_BUCKETS)
+        self.e2e = LoopHistogram("tightwad_e2e_request_latency_seconds", "Request start to last token", ["model"], r, buckets=E2E_BUCKETS)
+        self.requests = LoopCounter("tightwad_requests", "Requests by endpoint and HTTP status", ["model", "endpoint", "status"], r)
+        self.fallbacks = LoopCounter("tightwad_fallbacks", "Requests that went on with the target alone, by reason", [*md, "reason"], r)
+        self.drafter_wins = LoopCounter("tightwad_drafter_accepted_tokens", "Accepted tokens credited to each drafter", md, r)
+        self.drafter_rounds_won = LoopCounter("tightwad_drafter_rounds_won", "Rounds whose kept proposal was this drafter's (several drafters)", md, r)
+        self.drafter_errors = LoopCounter("tightwad_drafter_errors", "Drafts that failed mid-request; the request went on without that drafter", [*md, "reason"], r)
+        self.pipeline_hits = LoopCounter("tightwad_pipeline_hits", "Rounds whose draft was made during the previous round's verification", md, r)
+        self.round_cpu = LoopHistogram("tightwad_proxy_round_cpu_seconds", "CPU time of the proxy's event loop per round", ["model"], r, buckets=CPU_BUCKETS)
+        self.round_overhead = LoopHistogram("tightwad_proxy_round_overhead_seconds", "Round wall time spent neither drafting nor verifying", ["model"], r, buckets=LATENCY_BUCKETS)
         self.backend_up = Gauge("tightwad_backend_up", "1 when the backend answered its last health check", ["model", "role", "name", "backend"], registry=r)
         self.in_flight = Gauge("tightwad_requests_in_flight", "Requests being generated now", ["model"], registry=r)
         self.target_generate_only = Gauge(
@@ -122,7 +123,7 @@ class ProxyMetrics:
             return
         self._children.clear()
         for collector in vars(self).values():
-            if isinstance(collector, Counter | Gauge | Histogram):
+            if isinstance(collector, LoopCounter | LoopHistogram | Gauge):
                 for values in _series_of_model(collector, old):
                     collector.remove(*values)
         self._init_requests()
@@ -133,8 +134,8 @@ class ProxyMetrics:
         endpoint = path if path in ENDPOINTS else "other"
         self.requests.labels(model=self.model, endpoint=endpoint, status=str(status)).inc()
 
-    def _child(self, collector: Counter | Histogram, *values: str) -> Any:
-        # labels() costs several microseconds; a round touches about fifteen series.
+    def _child(self, collector: LoopCounter | LoopHistogram, *values: str) -> Any:
+        # labels() checks and converts its values each call; a round touches about fifteen series.
         key = (id(collector), values)
         child = self._children.get(key)
         if child is None:
@@ -177,7 +178,7 @@ class ProxyMetrics:
         self.fallbacks.labels(model=self.model, drafter=drafter, reason=reason).inc()
 
 
-def _series_of_model(collector: Counter | Gauge | Histogram, model: str) -> list[tuple[str, ...]]:
+def _series_of_model(collector: LoopCounter | LoopHistogram | Gauge, model: str) -> list[tuple[str, ...]]:
     """Label values of ``collector``'s series with this ``model`` that may be dropped:
     all of a gauge's, and those of counters and histograms that are still zero."""
     values: dict[tuple[str, ...], bool] = {}  # label values -> every sample is zero

@@ -9,6 +9,7 @@ never emitted, wherever it falls.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import dataclasses
 from collections.abc import Callable, Sequence
@@ -61,7 +62,8 @@ class TextStream:
         safe = len(self._text) - self._held_back()
         out = self._text[self._emitted : safe] if safe > self._emitted else ""
         self._emitted = max(self._emitted, safe)
-        self._n_released = sum(1 for e in self._token_end_chars if e <= self._emitted)
+        # _token_end_chars never decreases, so the released tokens are a prefix of it.
+        self._n_released = bisect.bisect_right(self._token_end_chars, self._emitted)
         return TextUpdate(out, self._n_released)
 
     def finish(self) -> TextUpdate:

@@ -14,10 +14,13 @@ import json
 from collections.abc import Awaitable, Callable
 
 import pytest
+import uvloop
 
 from tightwad.backends._http import HttpClient
 from tightwad.backends._wire import JsonWire
 from tightwad.errors import BackendProtocolError, BackendTimeout, BackendUnavailable
+
+LOOPS = ["asyncio", "uvloop"]  # the proxy runs on uvloop; its transports differ from asyncio's
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -41,6 +44,14 @@ def _json_answer(body: object, *, extra: str = "", chunked: bool = False) -> byt
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(data), extra.encode(), data)
 
 
+@pytest.fixture(params=LOOPS)
+def run(request: pytest.FixtureRequest) -> Callable[[Awaitable[list[int]]], list[int]]:
+    """``asyncio.run`` on the default event loop, then on uvloop's."""
+    if request.param == "uvloop":
+        return uvloop.run  # type: ignore[return-value]
+    return asyncio.run  # type: ignore[return-value]
+
+
 async def _serve(handler: Handler, test: Callable[[str], Awaitable[None]]) -> list[int]:
     """Run ``test(url)`` against a server; returns the number of connections accepted."""
     connections: list[int] = []
@@ -58,7 +69,7 @@ async def _serve(handler: Handler, test: Callable[[str], Awaitable[None]]) -> li
     return connections
 
 
-def test_kept_alive_connections_are_reused_and_bodies_decoded():
+def test_kept_alive_connections_are_reused_and_bodies_decoded(run):
     seen = []
 
     async def echo(reader, writer, _):
@@ -77,12 +88,12 @@ def test_kept_alive_connections_are_reused_and_bodies_decoded():
         assert await client.get("/y") == {"got": None}
         await client.aclose()
 
-    assert len(asyncio.run(_serve(echo, test))) == 1
+    assert len(run(_serve(echo, test))) == 1
     assert seen[0] == (["POST", "/base/x"], "Bearer k", {"n": 0})
     assert seen[-1][0] == ["GET", "/base/y"]
 
 
-def test_a_connection_the_server_closed_is_replaced_once():
+def test_a_connection_the_server_closed_is_replaced_once(run):
     async def one_answer_each(reader, writer, _):
         await _read_request(reader)
         writer.write(_json_answer({"ok": True}))  # kept alive by the headers, then closed
@@ -95,10 +106,10 @@ def test_a_connection_the_server_closed_is_replaced_once():
             await asyncio.sleep(0.05)  # the server's close arrives
         await wire.aclose()
 
-    assert len(asyncio.run(_serve(one_answer_each, test))) == 3
+    assert len(run(_serve(one_answer_each, test))) == 3
 
 
-def test_connection_close_and_bodies_to_the_end_are_not_reused():
+def test_connection_close_and_bodies_to_the_end_are_not_reused(run):
     async def close_after(reader, writer, n):
         await _read_request(reader)
         if n == 1:
@@ -112,10 +123,10 @@ def test_connection_close_and_bodies_to_the_end_are_not_reused():
         assert [await client.post("/x", {}) for _ in range(2)] == [{"n": 1}, {"n": 2}]
         await client.aclose()
 
-    assert len(asyncio.run(_serve(close_after, test))) == 2
+    assert len(run(_serve(close_after, test))) == 2
 
 
-def test_errors_map_to_backend_errors():
+def test_errors_map_to_backend_errors(run):
     async def misbehave(reader, writer, _):
         line, _, _ = await _read_request(reader)
         path = line.split()[1]
@@ -148,10 +159,10 @@ def test_errors_map_to_backend_errors():
         with pytest.raises(BackendUnavailable, match="unreachable"):
             await closed.post("/x", {})
 
-    asyncio.run(_serve(misbehave, test))
+    run(_serve(misbehave, test))
 
 
-def test_a_cancelled_request_does_not_leave_its_connection_for_reuse():
+def test_a_cancelled_request_does_not_leave_its_connection_for_reuse(run):
     async def slow_then_fast(reader, writer, n):
         while True:
             line, _, _ = await _read_request(reader)
@@ -173,4 +184,50 @@ def test_a_cancelled_request_does_not_leave_its_connection_for_reuse():
         assert json.loads((await wire.request("POST", "/fast", {})).body) == {"n": 2}
         await wire.aclose()
 
-    asyncio.run(_serve(slow_then_fast, test))
+    run(_serve(slow_then_fast, test))
+
+
+def test_answers_split_anywhere_are_put_back_together(run):
+    """The answer is parsed as it arrives; TCP may cut it at any byte."""
+    answers = [_json_answer({"n": 1}), _json_answer({"n": 2, "pad": "x" * 40}, chunked=True),
+               _json_answer({"n": 3}, chunked=True).replace(b"0\r\n\r\n", b"0\r\nX-Trailer: t\r\n\r\n")]
+
+    async def dribble(reader, writer, _):
+        for answer in answers:
+            await _read_request(reader)
+            for i in range(0, len(answer), 3):  # three bytes at a time, each sent on its own
+                writer.write(answer[i:i + 3])
+                await writer.drain()
+                await asyncio.sleep(0.001)
+        await _read_request(reader)
+
+    async def test(url):
+        client = HttpClient(url, timeout_s=10)
+        assert [(await client.post("/x", {}))["n"] for _ in answers] == [1, 2, 3]
+        await client.aclose()
+
+    assert len(run(_serve(dribble, test))) == 1
+
+
+def test_a_connection_with_bytes_nobody_asked_for_is_not_reused(run):
+    async def chatty(reader, writer, _):
+        while True:
+            line, _, _ = await _read_request(reader)
+            if not line:
+                return
+            # One answer, then stray bytes: the next request must not read them as its answer.
+            writer.write(_json_answer({"n": 1}))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(_json_answer({"stray": True}))
+            await writer.drain()
+
+    async def test(url):
+        wire = JsonWire(url)
+        first = await wire.request("POST", "/x", {})
+        await asyncio.sleep(0.2)  # the stray answer arrives while the connection is idle
+        second = await wire.request("POST", "/x", {})
+        assert json.loads(first.body) == json.loads(second.body) == {"n": 1}
+        await wire.aclose()
+
+    assert len(run(_serve(chatty, test))) == 2
