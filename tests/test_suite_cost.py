@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tightwad import tinymodels
-from tightwad.suite.cost import idle_wait_charge_ms, measure_proxy_cost
+from tightwad.suite.bare_client import bare_client_cpu_ms
+from tightwad.suite.cost import measure_proxy_cost
 
 
 def _gone(pid: int) -> bool:
@@ -44,10 +45,13 @@ def test_measures_cpu_streams_and_memory_then_stops_everything(tmp_path: Path, p
     assert cpu["requests"] == 20 and cpu["rounds"] >= 20
     assert cpu["p50_ms"] > 0 and cpu["p95_ms"] >= cpu["p50_ms"]
     assert isinstance(cpu["meets_goal"], bool)
-    # What the machine charges for the round's two idle waits alone: measured, and a
-    # small part of a round (a thread that does nothing is charged far less than one
-    # that drafts, verifies and answers).
-    assert 0 <= cpu["idle_wait_charge_ms"] < cpu["p50_ms"]
+    # What the machine charges a bare client for the round's two calls: measured with
+    # the round's own waits, and below what the proxy (which also drafts, verifies and
+    # answers) is charged.
+    bare = cpu["bare_client"]
+    assert bare["rounds"] > 0 and len(bare["waits_ms"]) == 2
+    assert 0 < bare["p50_ms"] < cpu["p50_ms"]
+    assert cpu["p50_above_bare_client_ms"] == round(cpu["p50_ms"] - bare["p50_ms"], 3)
 
     streams = result["streams"]
     assert streams["streams"] == 16
@@ -90,9 +94,10 @@ def test_interrupt_stops_every_process(tmp_path: Path, pair: tuple[Path, Path]) 
     assert not list((tmp_path / "logs").glob("*.pid"))
 
 
-def test_idle_wait_charge_is_measured_per_pair_of_waits() -> None:
-    assert idle_wait_charge_ms([]) == 0.0
-    charge = idle_wait_charge_ms([0.001, 0.002], repeats=20)
-    # Sleeping costs a little CPU (the syscalls, and on a VM the wake-ups), never
-    # anywhere near the 3 ms of the waits themselves.
-    assert 0 <= charge < 1.0
+def test_bare_client_is_charged_per_round_of_calls() -> None:
+    assert bare_client_cpu_ms([])["rounds"] == 0
+    bare = bare_client_cpu_ms([0.001, 0.002], rounds=30)
+    assert bare["rounds"] == 30 and bare["waits_ms"] == [1.0, 2.0]
+    # Two real HTTP calls cost some CPU (syscalls, parsing, wake-ups), never anywhere
+    # near the 3 ms the server spent on them: that time is the server's, not the client's.
+    assert 0 < bare["p50_ms"] <= bare["p95_ms"] < 3.0

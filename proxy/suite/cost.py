@@ -6,7 +6,9 @@ things the speculation figures elsewhere do not show:
 
 * CPU per round: what the proxy's event-loop thread spends on one round, as the
   proxy itself counts it (``time.thread_time``), over sequential requests on a
-  fresh proxy, so no other request's work lands in a round.
+  fresh proxy, so no other request's work lands in a round; beside it, what a
+  bare client making the same two calls with the same waits is charged
+  (``tightwad.suite.bare_client``), the part that is this machine's, not the proxy's.
 * Concurrent streams: many greedy SSE streams at once, each compared token for
   token with the target alone (the verifier's own generation); strict mode
   promises equality, and concurrency is where a shared-state bug would show.
@@ -32,6 +34,7 @@ import httpx
 
 from tightwad import llamacpp
 from tightwad.daemon import Daemon, python_argv
+from tightwad.suite.bare_client import bare_client_cpu_ms
 
 CPU_REQUESTS = 20
 CPU_GOAL_MS = 1.0  # p50 of the proxy's CPU per round
@@ -118,30 +121,15 @@ def _cpu_per_round(http: httpx.Client, proxy_url: str) -> dict[str, Any]:
     status = _model_status(http, proxy_url)
     cpu = status["proxy_cpu_ms_per_round"]
     waits = [status["draft_latency_ms"]["p50"], status["verify_latency_ms"]["p50"]]
+    bare = bare_client_cpu_ms([w / 1000 for w in waits if w])
     return {"requests": CPU_REQUESTS, "rounds": status["rounds"], "p50_ms": cpu["p50"], "p95_ms": cpu["p95"],
             "goal_p50_ms": CPU_GOAL_MS, "meets_goal": cpu["p50"] is not None and cpu["p50"] < CPU_GOAL_MS,
             # For scale: the round's wall time outside draft and verify, and the two waits.
             "overhead_ms_per_round": status["proxy_overhead_ms_per_round"],
             "draft_latency_ms": status["draft_latency_ms"], "verify_latency_ms": status["verify_latency_ms"],
-            "idle_wait_charge_ms": idle_wait_charge_ms([w / 1000 for w in waits if w])}
-
-
-def idle_wait_charge_ms(waits_s: list[float], repeats: int = 200) -> float:
-    """CPU time this machine charges a thread that does nothing but wait ``waits_s`` in turn.
-
-    A round waits twice (draft, verify), and on a virtual machine waking from an
-    idle wait is not free: measured here, a thread that only sleeps 4 ms is charged
-    about 30 us of CPU per sleep, and code runs slower for a while after it (cold
-    caches). The proxy's own count includes that; this figure shows how much of it
-    a thread doing no work at all would be charged for the same waits.
-    """
-    if not waits_s:
-        return 0.0
-    started = time.thread_time()
-    for _ in range(repeats):
-        for wait in waits_s:
-            time.sleep(wait)
-    return round((time.thread_time() - started) / repeats * 1000, 3)
+            # What the machine charges for the round's two calls alone, measured right after.
+            "bare_client": bare, "p50_above_bare_client_ms": round(cpu["p50"] - bare["p50_ms"], 3)
+            if cpu["p50"] is not None else None}
 
 
 async def _reference(http: httpx.AsyncClient, target_url: str, prompt: str, eog: frozenset[int]) -> list[int]:

@@ -140,8 +140,10 @@ def table(results: dict[str, Any]) -> str:
         rss = memory["samples"]
         lines += ["", "The proxy's own cost (loopback, tiny model pair):",
                   f"  CPU per round (the proxy's own count): p50 {cpu['p50_ms']} ms, p95 {cpu['p95_ms']} ms "
-                  f"over {cpu['rounds']} rounds; a thread that only waits the round's two waits is "
-                  f"charged {cpu.get('idle_wait_charge_ms', '-')} ms here",
+                  f"over {cpu['rounds']} rounds",
+                  f"  a bare client making the round's two calls with the same waits (nothing else) is "
+                  f"charged p50 {cpu['bare_client']['p50_ms']} ms here; the proxy's p50 is "
+                  f"{cpu['p50_above_bare_client_ms']} ms above that",
                   f"  {streams['streams']} concurrent streams: {streams['errors']} errors, "
                   f"{streams['mismatches']} not equal to the target alone, {streams['tokens_per_s']} tok/s",
                   f"  {memory['requests']} requests: RSS {rss[0]['rss_mib']} → {rss[-1]['rss_mib']} MiB "
