@@ -80,6 +80,8 @@ class _Connection(asyncio.Protocol):
             self.close()
         elif not self._answer.done():
             self._advance(eof=False)
+        else:
+            self.closed = True  # more than the answer, before its reader ran: not reused either
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost follows
