@@ -27,7 +27,9 @@ Ratios are computed in PromQL, never exported as gauges. Labels stay few:
 
 The proxy runs as ONE uvicorn worker by design (its work is waiting on
 backends), so a plain registry is exact; more workers would need
-prometheus-client's multiprocess mode.
+prometheus-client's multiprocess mode. Its counters and histograms are
+``tightwad.loop_metrics``'s lock-free ones: only the event loop's thread updates
+them.
 """
 
 from __future__ import annotations
