@@ -33,7 +33,8 @@ ROUNDS = 200
 _WARM_UP = 10
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -92,7 +93,7 @@ def bare_client_cpu_ms(waits_s: list[float], rounds: int = ROUNDS) -> dict[str, 
     """p50 and p95 of the CPU, in ms, a bare client is charged per round of ``waits_s`` calls."""
     if not waits_s:
         return {"p50_ms": 0.0, "p95_ms": 0.0, "rounds": 0, "waits_ms": []}
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tightwad.suite.bare_client", "--serve", str(port)],
                               stdout=subprocess.PIPE, text=True)
     try:
