@@ -65,7 +65,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._buffer = bytearray()
-        self._answer: asyncio.Future[tuple[WireResponse, bool]] | None = None
+        self._answer: asyncio.Future[WireResponse] | None = None
         self._reused = False
         self._head: _Head | None = None
 
@@ -96,14 +96,20 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def exchange(self, payload: bytes, *, reused: bool) -> tuple[WireResponse, bool]:
-        """(the answer, whether the connection may be reused)."""
+    async def exchange(self, payload: bytes, *, reused: bool) -> WireResponse:
+        """Send ``payload`` and wait for the answer; ``closed`` then says whether the
+        connection may carry another request."""
         assert self.transport is not None and self._answer is None
         self._reused = reused
         self._answer = self._loop.create_future()
         self.transport.write(payload)
         try:
             return await self._answer
+        except BaseException:
+            # Interrupted (a timeout, a cancellation) or refused: a late answer must
+            # never be read as the next request's.
+            self.close()
+            raise
         finally:
             self._answer, self._head = None, None
             self._buffer.clear()
@@ -116,9 +122,14 @@ class _Connection(asyncio.Protocol):
             self._answer.set_exception(exc)
             return
         if done is not None:
-            self._answer.set_result(done)
+            response, end = done
+            assert self._head is not None
+            if not self._head.keep_alive or len(self._buffer) > end:
+                self.closed = True  # the server will close it, or sent more than the answer
+            self._answer.set_result(response)
 
-    def _parse(self, *, eof: bool) -> tuple[WireResponse, bool] | None:
+    def _parse(self, *, eof: bool) -> tuple[WireResponse, int] | None:
+        """The answer and where it ends in the buffer, or None while more is to come."""
         buffer = self._buffer
         if self._head is None:
             end = buffer.find(b"\r\n\r\n")
@@ -135,23 +146,23 @@ class _Connection(asyncio.Protocol):
             self._head = _parse_head(bytes(buffer[: end + 4]))
         head = self._head
         if head.chunked:
-            body = _chunked_body(buffer, head.size)
-            if body is None:
+            chunked = _chunked_body(buffer, head.size)
+            if chunked is None:
                 if eof:
                     raise ConnectionResetError("the answer's chunked body was cut short")
                 return None
-            return WireResponse(head.status, body), head.keep_alive and not eof
+            body, end = chunked
+            return WireResponse(head.status, body), end
         if head.length is not None:
             if len(buffer) - head.size < head.length:
                 if eof:
                     raise ConnectionResetError("the answer's body was cut short")
                 return None
-            body = bytes(buffer[head.size : head.size + head.length])
-            extra = len(buffer) > head.size + head.length
-            return WireResponse(head.status, body), head.keep_alive and not eof and not extra
+            end = head.size + head.length
+            return WireResponse(head.status, bytes(buffer[head.size : end])), end
         if not eof:  # the body runs to the end of the connection
             return None
-        return WireResponse(head.status, bytes(buffer[head.size :])), False
+        return WireResponse(head.status, bytes(buffer[head.size :])), len(buffer)
 
 
 class JsonWire:
@@ -186,17 +197,12 @@ class JsonWire:
         return await self._exchange(conn, payload, reused=False)
 
     async def _exchange(self, conn: _Connection, payload: bytes, *, reused: bool) -> WireResponse:
-        keep = False
-        try:
-            response, keep = await conn.exchange(payload, reused=reused)
-            return response
-        finally:
-            # Anything but a complete answer (a timeout or cancellation included) closes it:
-            # a late answer must never be read as the next request's.
-            if keep and not conn.closed and len(self._idle) < _MAX_IDLE:
-                self._idle.append(conn)
-            else:
-                conn.close()
+        response = await conn.exchange(payload, reused=reused)  # closes it unless it completes
+        if conn.closed or len(self._idle) >= _MAX_IDLE:
+            conn.close()
+        else:
+            self._idle.append(conn)
+        return response
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
@@ -231,8 +237,9 @@ def _parse_head(head: bytes) -> _Head:
     return _Head(status, len(head), length, chunked, keep_alive)
 
 
-def _chunked_body(buffer: bytearray, start: int) -> bytes | None:
-    """The whole chunked body from ``buffer[start:]``, or None while more is to come."""
+def _chunked_body(buffer: bytearray, start: int) -> tuple[bytes, int] | None:
+    """The whole chunked body from ``buffer[start:]`` and where it ends, or None while
+    more is to come."""
     parts: list[bytes] = []
     at = start
     while True:
@@ -250,7 +257,7 @@ def _chunked_body(buffer: bytearray, start: int) -> bytes | None:
                 if eol < 0:
                     return None
                 if eol == at:
-                    return b"".join(parts)
+                    return b"".join(parts), eol + 2
                 at = eol + 2
         if len(buffer) < at + size + 2:
             return None
