@@ -16,9 +16,7 @@ beside the proxy's figure; the difference is the proxy's own work.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,14 +31,7 @@ ROUNDS = 200
 _WARM_UP = 10
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _serve(port: int) -> None:
+async def _serve() -> None:
     """Answer each POST after computing (busy, not sleeping) for its ``busy_s``."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -60,8 +51,8 @@ async def _serve(port: int) -> None:
                          % (len(body), body))
             await writer.drain()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
-    print("ready", flush=True)
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
     async with server:
         await server.serve_forever()
 
@@ -93,14 +84,14 @@ def bare_client_cpu_ms(waits_s: list[float], rounds: int = ROUNDS) -> dict[str, 
     """p50 and p95 of the CPU, in ms, a bare client is charged per round of ``waits_s`` calls."""
     if not waits_s:
         return {"p50_ms": 0.0, "p95_ms": 0.0, "rounds": 0, "waits_ms": []}
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tightwad.suite.bare_client", "--serve", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "tightwad.suite.bare_client", "--serve"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
-        if server.stdout.readline().strip() != "ready":
+        ready, _, port = server.stdout.readline().partition(" ")
+        if ready != "ready":
             raise RuntimeError(f"the bare client's server did not start (exit {server.poll()})")
-        per_round = _run(_client(f"http://127.0.0.1:{port}", waits_s, rounds))
+        per_round = _run(_client(f"http://127.0.0.1:{port.strip()}", waits_s, rounds))
     finally:
         server.kill()
         server.wait()
@@ -109,11 +100,7 @@ def bare_client_cpu_ms(waits_s: list[float], rounds: int = ROUNDS) -> dict[str, 
             "rounds": rounds, "waits_ms": [round(w * 1000, 3) for w in waits_s]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--serve", type=int, metavar="PORT", required=True)
-    asyncio.run(_serve(parser.parse_args().serve))
-
-
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] != ["--serve"]:
+        sys.exit("usage: python -m tightwad.suite.bare_client --serve  (serves on a free port, prints 'ready PORT')")
+    asyncio.run(_serve())

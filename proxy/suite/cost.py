@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,7 @@ import httpx
 
 from tightwad import llamacpp
 from tightwad.daemon import Daemon, python_argv
-from tightwad.suite.bare_client import bare_client_cpu_ms, free_port
+from tightwad.suite.bare_client import bare_client_cpu_ms
 
 CPU_REQUESTS = 20
 CPU_GOAL_MS = 1.0  # p50 of the proxy's CPU per round
@@ -46,6 +47,12 @@ TIMEOUT_S = 600.0
 # (one KV cache each) at a couple of hundred MiB.
 VERIFIER_CTX = 512
 DRAFT_CTX_PER_SLOT = 1024  # llama-server divides -c among its slots
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _rss_mib(pid: int) -> float:
@@ -62,7 +69,7 @@ def _daemons(draft_model: Path, target_model: Path, logs: Path, slots: int) -> t
     # slower (measured: 2 threads 5-15x slower than 1 on a loaded 2-core VM), and they
     # would take CPU from the proxy, whose cost is what is measured.
     threads = "1"
-    draft_port, target_port, proxy_port = free_port(), free_port(), free_port()
+    draft_port, target_port, proxy_port = _free_port(), _free_port(), _free_port()
     draft_url, target_url = f"http://127.0.0.1:{draft_port}", f"http://127.0.0.1:{target_port}"
     draft = Daemon("draft", [
         str(llamacpp.binary("llama-server")), "-m", str(draft_model), "--host", "127.0.0.1",
